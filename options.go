@@ -1,0 +1,164 @@
+package tiered
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Options configures a Cache. Redis and Namespace are required; every other
+// field has a usable zero value, documented with the field.
+type Options struct {
+	// Redis is the L2 client: a *redis.Client, *redis.ClusterClient or a
+	// failover client. The Cache never closes it. Bound how long a slow Redis
+	// can hold a call with the client's ReadTimeout and WriteTimeout.
+	Redis redis.UniversalClient
+
+	// Namespace prefixes every Redis key ("<Namespace>:<key>") and names the
+	// invalidation channel ("tiered:inv:<Namespace>"). Instances that share
+	// data must use the same Namespace; caches of different value types must
+	// not.
+	Namespace string
+
+	// LocalMaxBytes bounds L1. An entry costs its encoded size, plus its key,
+	// plus ~128 bytes of overhead. Default 64 MiB.
+	LocalMaxBytes int64
+
+	// LocalTTL is how long a value stays in L1. Default 1 minute. A value is
+	// also never kept in L1 longer than it has left in L2.
+	LocalTTL time.Duration
+
+	// LocalTTLFunc, if set, picks the L1 TTL per key (e.g. by prefix). A
+	// zero result means LocalTTL; a negative result is treated as zero.
+	LocalTTLFunc func(key string) time.Duration
+
+	// RemoteTTL is how long a value stays in Redis. Default 1 hour.
+	RemoteTTL time.Duration
+
+	// RemoteTTLJitter spreads L2 TTLs so that keys written together do not
+	// expire together: each TTL is shortened by a random fraction in
+	// [0, RemoteTTLJitter). Default 0.1 (up to 10% shorter). Negative
+	// disables jitter; values >= 1 are invalid.
+	RemoteTTLJitter float64
+
+	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both
+	// tiers. Zero (the default) disables negative caching.
+	NegativeTTL time.Duration
+
+	// LoadTimeout bounds a loader call. The loader's context is detached
+	// from the caller's cancellation (a load is shared by all callers
+	// waiting for it) and carries this timeout instead. Default 10 seconds.
+	LoadTimeout time.Duration
+
+	// HeartbeatInterval is how often the invalidation subscription proves it
+	// is alive by receiving a message this process published. A subscription
+	// that has not received one for 3 intervals is declared dead: L1 is
+	// bypassed and the subscription rebuilt. Default 500 ms. Caches that
+	// share a Redis client share one subscription, whose interval is that of
+	// the first Cache created on the client.
+	HeartbeatInterval time.Duration
+
+	// Codec encodes values for Redis. Default JSONCodec. Values of type
+	// string and []byte bypass it.
+	Codec Codec
+
+	// Logger receives warnings about Redis failures (at most one per failure
+	// kind per 10 seconds, with a count of the ones suppressed), corrupt L2
+	// values, unencodable values and loader panics. Default: discard.
+	Logger *slog.Logger
+}
+
+const (
+	defaultLocalMaxBytes     = 64 << 20
+	defaultLocalTTL          = time.Minute
+	defaultRemoteTTL         = time.Hour
+	defaultRemoteTTLJitter   = 0.1
+	defaultLoadTimeout       = 10 * time.Second
+	defaultHeartbeatInterval = 500 * time.Millisecond
+)
+
+// withDefaults validates o and fills in its defaults.
+func (o Options) withDefaults() (Options, error) {
+	switch {
+	case o.Redis == nil:
+		return o, fmt.Errorf("%w: Options.Redis is nil", ErrInvalidOption)
+	case o.Namespace == "":
+		return o, fmt.Errorf("%w: Options.Namespace is empty", ErrInvalidOption)
+	case o.LocalMaxBytes < 0:
+		return o, fmt.Errorf("%w: Options.LocalMaxBytes is negative", ErrInvalidOption)
+	case o.LocalTTL < 0, o.RemoteTTL < 0, o.NegativeTTL < 0, o.LoadTimeout < 0, o.HeartbeatInterval < 0:
+		return o, fmt.Errorf("%w: negative duration in Options", ErrInvalidOption)
+	case o.RemoteTTLJitter >= 1:
+		return o, fmt.Errorf("%w: Options.RemoteTTLJitter must be below 1", ErrInvalidOption)
+	}
+	if o.LocalMaxBytes == 0 {
+		o.LocalMaxBytes = defaultLocalMaxBytes
+	}
+	if o.LocalTTL == 0 {
+		o.LocalTTL = defaultLocalTTL
+	}
+	if o.RemoteTTL == 0 {
+		o.RemoteTTL = defaultRemoteTTL
+	}
+	switch {
+	case o.RemoteTTLJitter == 0:
+		o.RemoteTTLJitter = defaultRemoteTTLJitter
+	case o.RemoteTTLJitter < 0:
+		o.RemoteTTLJitter = 0
+	}
+	if o.LoadTimeout == 0 {
+		o.LoadTimeout = defaultLoadTimeout
+	}
+	if o.HeartbeatInterval == 0 {
+		o.HeartbeatInterval = defaultHeartbeatInterval
+	}
+	if o.Codec == nil {
+		o.Codec = JSONCodec{}
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return o, nil
+}
+
+// ItemOption changes how one call stores its value. Later options win.
+type ItemOption struct {
+	localTTL  time.Duration
+	remoteTTL time.Duration
+}
+
+// WithLocalTTL sets the L1 TTL of the value this call stores. It beats
+// Options.LocalTTLFunc and Options.LocalTTL. Zero means "no override".
+func WithLocalTTL(d time.Duration) ItemOption { return ItemOption{localTTL: d} }
+
+// WithRemoteTTL sets the L2 TTL of the value this call stores (jitter still
+// applies). Zero means "no override".
+func WithRemoteTTL(d time.Duration) ItemOption { return ItemOption{remoteTTL: d} }
+
+// ttls resolves the TTLs for key under opts.
+func (c *Cache[V]) ttls(key string, opts []ItemOption) (localTTL, remoteTTL time.Duration, err error) {
+	for _, o := range opts {
+		if o.localTTL < 0 || o.remoteTTL < 0 {
+			return 0, 0, fmt.Errorf("%w: negative TTL", ErrInvalidOption)
+		}
+		if o.localTTL > 0 {
+			localTTL = o.localTTL
+		}
+		if o.remoteTTL > 0 {
+			remoteTTL = o.remoteTTL
+		}
+	}
+	if localTTL == 0 && c.opts.LocalTTLFunc != nil {
+		localTTL = max(c.opts.LocalTTLFunc(key), 0)
+	}
+	if localTTL == 0 {
+		localTTL = c.opts.LocalTTL
+	}
+	if remoteTTL == 0 {
+		remoteTTL = c.opts.RemoteTTL
+	}
+	return localTTL, remoteTTL, nil
+}

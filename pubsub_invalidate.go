@@ -1,0 +1,368 @@
+package tiered
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Invalidation works like this. Set and Delete publish, in the same script
+// that writes Redis, a message naming the keys on "tiered:inv:<namespace>".
+// Every process holds one subscription per Redis client (the subscriber),
+// shared by all its Caches on that client; on a message it bumps the
+// generation of each named key in the Caches of that namespace, other than
+// the one that sent it, so their L1 entries stop being served.
+//
+// A subscription can lose messages without saying so: go-redis reconnects
+// and resubscribes by itself, a stalled TCP connection delivers nothing
+// without erroring, and Redis drops subscribers whose output buffer fills.
+// So the subscriber never trusts it blindly. It keeps an epoch, odd while
+// the subscription is not known to be healthy; every L1 entry records the
+// epoch its fill began in and is served only while the epoch is unchanged.
+//
+//   - Any receive error is a gap: the epoch becomes odd, so everything in L1
+//     becomes a miss at once.
+//   - To catch silent stalls, a heartbeat is published every interval on a
+//     channel only this subscriber listens to. If none comes back for three
+//     intervals, that is a gap too, and the subscription is rebuilt.
+//   - The epoch becomes even again only when a heartbeat published after
+//     the gap was noticed comes back. That proves the resubscription was in
+//     place (go-redis resubscribes every channel in one SUBSCRIBE) before
+//     that heartbeat was published. Fills that began before the heal carry
+//     the odd epoch (or an older even one) and are never served after it, so
+//     a value read while messages could have been lost is never trusted.
+type subscriber struct {
+	client    redis.UniversalClient
+	hbChannel string
+	interval  time.Duration
+	log       *slog.Logger
+
+	epoch    atomic.Uint64 // odd while unhealthy; read by every L1 hit
+	stateMu  sync.Mutex    // serializes gap and heal
+	gapSeq   uint64        // heartbeats up to this one were sent before the last gap
+	hbSeq    atomic.Uint64 // last heartbeat sequence number published
+	lastEcho atomic.Int64  // UnixNano of the last heartbeat received
+
+	gaps     atomic.Uint64
+	hbMisses atomic.Uint64
+
+	mu       sync.Mutex // guards ps, channels, refs
+	ps       *redis.PubSub
+	channels map[string]*channelMembers
+	refs     int
+
+	kick   chan struct{} // asks for a heartbeat now
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// member is what a subscriber delivers to: a Cache of some value type.
+type member interface {
+	// subscribed is called once, when the member's channel is confirmed.
+	subscribed()
+	// invalidated is called for every message on the member's channel.
+	invalidated(payload string)
+}
+
+type channelMembers struct {
+	members   []member // replaced, never modified, so readers may keep it
+	confirmed bool
+}
+
+// subscribers holds the subscriber of each Redis client in this process.
+// It is the only state this package shares between Caches: the subscription
+// per client is shared so that a process with many Caches still holds one
+// pub/sub connection per client.
+var subscribers = struct {
+	sync.Mutex
+	m map[redis.UniversalClient]*subscriber
+}{m: make(map[redis.UniversalClient]*subscriber)}
+
+// retryPause is how long the receive loop waits after an error before
+// reading again (go-redis redials on that read).
+const retryPause = 100 * time.Millisecond
+
+// acquireSubscriber returns the subscriber of client, starting it if needed.
+// Every call must be matched by a release.
+func acquireSubscriber(client redis.UniversalClient, interval time.Duration, log *slog.Logger) *subscriber {
+	subscribers.Lock()
+	defer subscribers.Unlock()
+	s := subscribers.m[client]
+	if s == nil {
+		s = startSubscriber(client, interval, log)
+		subscribers.m[client] = s
+	}
+	s.mu.Lock()
+	s.refs++
+	s.mu.Unlock()
+	return s
+}
+
+func (s *subscriber) release() {
+	subscribers.Lock()
+	defer subscribers.Unlock()
+	s.mu.Lock()
+	s.refs--
+	last := s.refs == 0
+	s.mu.Unlock()
+	if last {
+		delete(subscribers.m, s.client)
+		s.stop()
+	}
+}
+
+func startSubscriber(client redis.UniversalClient, interval time.Duration, log *slog.Logger) *subscriber {
+	s := &subscriber{
+		client:    client,
+		hbChannel: fmt.Sprintf("tiered:hb:%016x", rand.Uint64()),
+		interval:  interval,
+		log:       log,
+		channels:  make(map[string]*channelMembers),
+		kick:      make(chan struct{}, 1),
+	}
+	s.epoch.Store(1) // unhealthy until the first heartbeat comes back
+	s.lastEcho.Store(time.Now().UnixNano())
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	// Subscribe dials now; if Redis is down the loop keeps redialing.
+	s.ps = client.Subscribe(s.ctx, s.hbChannel)
+	s.wg.Add(2)
+	go s.receive()
+	go s.heartbeat()
+	return s
+}
+
+func (s *subscriber) stop() {
+	s.cancel()
+	s.mu.Lock()
+	_ = s.ps.Close() // unblocks the receive loop
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+// add subscribes m to channel.
+func (s *subscriber) add(channel string, m member) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cm := s.channels[channel]
+	if cm == nil {
+		cm = &channelMembers{}
+		s.channels[channel] = cm
+		if err := s.ps.Subscribe(s.ctx, channel); err != nil {
+			// go-redis may have replaced the connection underneath.
+			s.gap("subscribe failed", err)
+		}
+	}
+	cm.members = append(cm.members[:len(cm.members):len(cm.members)], m)
+	if cm.confirmed {
+		m.subscribed()
+	}
+}
+
+// remove unsubscribes m from channel.
+func (s *subscriber) remove(channel string, m member) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cm := s.channels[channel]
+	if cm == nil {
+		return
+	}
+	kept := make([]member, 0, len(cm.members))
+	for _, x := range cm.members {
+		if x != m {
+			kept = append(kept, x)
+		}
+	}
+	cm.members = kept
+	if len(kept) == 0 {
+		delete(s.channels, channel)
+		if err := s.ps.Unsubscribe(s.ctx, channel); err != nil && s.ctx.Err() == nil {
+			s.gap("unsubscribe failed", err)
+		}
+	}
+}
+
+func (s *subscriber) healthy() bool { return s.epoch.Load()&1 == 0 }
+
+// gap records that messages may have been lost. It reports whether the
+// subscription was healthy until now.
+func (s *subscriber) gap(reason string, err error) bool {
+	s.stateMu.Lock()
+	defer s.stateMu.Unlock()
+	s.gapSeq = s.hbSeq.Load()
+	if s.epoch.Load()&1 == 1 {
+		return false
+	}
+	s.epoch.Add(1)
+	s.gaps.Add(1)
+	s.log.Warn("tiered: invalidation subscription lost; L1 bypassed until it is back",
+		"reason", reason, "err", err)
+	return true
+}
+
+// heal records that heartbeat seq came back.
+func (s *subscriber) heal(seq uint64) {
+	s.stateMu.Lock()
+	defer s.stateMu.Unlock()
+	if s.epoch.Load()&1 == 1 && seq > s.gapSeq {
+		s.epoch.Add(1)
+		s.log.Info("tiered: invalidation subscription healthy")
+	}
+}
+
+func (s *subscriber) receive() {
+	defer s.wg.Done()
+	deadAfter := 3 * s.interval
+	for s.ctx.Err() == nil {
+		s.mu.Lock()
+		ps := s.ps
+		s.mu.Unlock()
+		msg, err := ps.ReceiveTimeout(s.ctx, s.interval)
+		var ne net.Error
+		switch {
+		case err == nil:
+			s.handle(msg)
+		case errors.As(err, &ne) && ne.Timeout():
+			// Nothing to read this interval; the connection is kept.
+		case s.ctx.Err() != nil:
+			return
+		default:
+			s.gap("receive failed", err)
+			if cc, ok := s.client.(*redis.ClusterClient); ok {
+				cc.ReloadState(s.ctx)
+			}
+			select {
+			case <-time.After(retryPause):
+			case <-s.ctx.Done():
+				return
+			}
+		}
+		if time.Now().UnixNano()-s.lastEcho.Load() > int64(deadAfter) {
+			if s.gap("heartbeat missed", nil) {
+				s.hbMisses.Add(1)
+			}
+			s.rebuild()
+		}
+	}
+}
+
+// rebuild replaces the subscription with a new one on a new connection. The
+// old one may be stalled in a way go-redis cannot see (its health check
+// never waits for a reply).
+func (s *subscriber) rebuild() {
+	s.mu.Lock()
+	old := s.ps
+	chans := []string{s.hbChannel}
+	for ch := range s.channels {
+		chans = append(chans, ch)
+	}
+	s.ps = s.client.Subscribe(s.ctx, chans...)
+	s.lastEcho.Store(time.Now().UnixNano())
+	s.mu.Unlock()
+	_ = old.Close()
+}
+
+func (s *subscriber) handle(msg any) {
+	switch m := msg.(type) {
+	case *redis.Message:
+		if m.Channel == s.hbChannel {
+			seq, err := strconv.ParseUint(m.Payload, 10, 64)
+			if err == nil {
+				s.lastEcho.Store(time.Now().UnixNano())
+				s.heal(seq)
+			}
+			return
+		}
+		s.mu.Lock()
+		var members []member
+		if cm := s.channels[m.Channel]; cm != nil {
+			members = cm.members
+		}
+		s.mu.Unlock()
+		for _, x := range members {
+			x.invalidated(m.Payload)
+		}
+	case *redis.Subscription:
+		if m.Kind != "subscribe" {
+			return
+		}
+		if m.Channel == s.hbChannel {
+			// A (re)subscription: ask for a heartbeat now rather than at the
+			// next tick, so L1 is back in use within a round trip.
+			select {
+			case s.kick <- struct{}{}:
+			default:
+			}
+			return
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if cm := s.channels[m.Channel]; cm != nil && !cm.confirmed {
+			cm.confirmed = true
+			for _, x := range cm.members {
+				x.subscribed()
+			}
+		}
+	}
+}
+
+func (s *subscriber) heartbeat() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-s.kick:
+		case <-s.ctx.Done():
+			return
+		}
+		seq := s.hbSeq.Add(1)
+		// An error needs no handling: the missing echo is what counts.
+		_ = s.client.Publish(s.ctx, s.hbChannel, strconv.FormatUint(seq, 10)).Err()
+	}
+}
+
+// An invalidation message is the sending Cache's 8-byte id followed by each
+// key as a uvarint length and its bytes.
+func encodeInvalidation(origin uint64, keys ...string) []byte {
+	n := 8
+	for _, k := range keys {
+		n += binary.MaxVarintLen64 + len(k)
+	}
+	b := binary.BigEndian.AppendUint64(make([]byte, 0, n), origin)
+	for _, k := range keys {
+		b = binary.AppendUvarint(b, uint64(len(k)))
+		b = append(b, k...)
+	}
+	return b
+}
+
+var errBadInvalidation = errors.New("tiered: malformed invalidation message")
+
+// decodeInvalidation parses p; keys alias p.
+func decodeInvalidation(p string) (origin uint64, keys []string, err error) {
+	if len(p) < 8 {
+		return 0, nil, errBadInvalidation
+	}
+	origin = binary.BigEndian.Uint64([]byte(p[:8]))
+	for rest := p[8:]; len(rest) > 0; {
+		n, w := binary.Uvarint([]byte(rest[:min(len(rest), binary.MaxVarintLen64)]))
+		if w <= 0 || n > uint64(len(rest)-w) {
+			return 0, nil, errBadInvalidation
+		}
+		keys = append(keys, rest[w:w+int(n)])
+		rest = rest[w+int(n):]
+	}
+	return origin, keys, nil
+}

@@ -1,0 +1,63 @@
+package tiered
+
+import "sync/atomic"
+
+// Stats is a snapshot of a Cache's counters. Counters only grow; export them
+// as monotonic counters and let the metrics system compute rates.
+type Stats struct {
+	LocalHits    uint64 // reads answered by L1
+	LocalMisses  uint64 // reads L1 could not answer (absent, expired or invalidated)
+	RemoteHits   uint64 // L1 misses answered by Redis (value or remembered not-found)
+	RemoteMisses uint64 // L1 misses Redis did not have either (including corrupt values)
+
+	Loads      uint64 // loader calls (one per key however many callers waited)
+	LoadErrors uint64 // loader calls that returned an error other than ErrNotFound, or panicked
+	LoadPanics uint64 // loader calls that panicked (also counted in LoadErrors)
+	Shared     uint64 // callers that got the result of a load or read another caller started
+
+	RemoteErrors  uint64 // Redis calls that failed (reads, writes, write-backs)
+	CorruptValues uint64 // values in Redis under our key that were not ours or did not decode
+	EncodeErrors  uint64 // values the codec could not encode (never cached)
+	LocalTooLarge uint64 // values larger than LocalMaxBytes, kept in Redis only
+
+	InvalidationsPublished uint64 // invalidation messages this Cache sent (Set, Delete)
+	InvalidationsReceived  uint64 // invalidation messages from other instances applied to L1
+	KeysInvalidated        uint64 // keys dropped from L1 by received invalidations
+
+	// The counters below belong to the subscription this Cache shares with
+	// the other Caches on its Redis client, and read the same in all of them.
+	SubscriptionGaps uint64 // times the subscription was found broken: L1 was flushed
+	HeartbeatMisses  uint64 // gaps found because a heartbeat did not come back in time
+	LocalBypassed    uint64 // L1 misses caused by an unhealthy subscription (this Cache)
+}
+
+// stripes is the number of cache-line-padded copies of the hit counter:
+// with one shared counter, parallel hits on two cores bounce its cache line
+// and cost more than the rest of the hit.
+const stripes = 16
+
+type stripedCounter [stripes]struct {
+	n atomic.Uint64
+	_ [56]byte
+}
+
+func (s *stripedCounter) add(i uint32) { s[i%stripes].n.Add(1) }
+
+func (s *stripedCounter) load() uint64 {
+	var n uint64
+	for i := range s {
+		n += s[i].n.Load()
+	}
+	return n
+}
+
+// counters are the live counters behind Stats.
+type counters struct {
+	localHits                       stripedCounter
+	localMisses, remoteHits         atomic.Uint64
+	remoteMisses, loads, loadErrors atomic.Uint64
+	loadPanics, remoteErrors        atomic.Uint64
+	corrupt, encodeErrors, tooLarge atomic.Uint64
+	published, received, keysInval  atomic.Uint64
+	bypassed                        atomic.Uint64
+}

@@ -1,0 +1,462 @@
+// Package tiered is a two-tier cache for Go services: an in-process L1 in
+// front of Redis (L2), kept coherent across instances by Redis pub/sub.
+//
+// A read (Get, GetOrLoad) first asks L1, a ristretto cache of decoded Go
+// values bounded in bytes; a hit costs one map lookup and a few atomic
+// loads, with no decoding and no allocation. On a miss, concurrent callers
+// of one key share one flight: it reads Redis, where values sit in a small
+// envelope (format, expiry, encoded value), and on a hit fills L1 for no
+// longer than the Redis entry has left. If Redis does not have the key,
+// GetOrLoad calls the loader once, writes the result back to Redis (only if
+// Redis still has no value, so a concurrent Set wins), then fills L1. A
+// write (Set, Delete) changes Redis and publishes an invalidation in one
+// atomic script; every other instance drops the key from its L1 when the
+// message arrives. Each L1 entry remembers the key's generation and the
+// subscription's epoch from when its fill began, and is served only while
+// both are unchanged, so a fill that raced an invalidation, or that
+// happened while messages could be lost, is never served. When Redis is
+// down, reads fall back to the loader and to L1: the cache degrades, the
+// service does not.
+package tiered
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync/atomic"
+	"time"
+)
+
+// Cache is a two-tier cache of values of type V. It is safe for concurrent
+// use. Values returned are shared with the cache and other callers: treat
+// them as read-only.
+type Cache[V any] struct {
+	opts   Options
+	id     uint64 // origin id in our invalidation messages
+	local  *local[V]
+	remote remote
+	sub    *subscriber
+	clock  *clock
+	codec  valueCodec[V]
+	reads  flight[V] // Get
+	loads  flight[V] // GetOrLoad
+	stats  counters
+
+	ready  atomic.Bool // our channel's subscription is confirmed
+	closed atomic.Bool
+
+	remoteLog, corruptLog, encodeLog, panicLog burstLog
+}
+
+// New returns a Cache configured by opts. It does not need Redis to be up:
+// until Redis answers, reads fall back to the loader and L1.
+func New[V any](opts Options) (*Cache[V], error) {
+	return newCache[V](opts, newClock())
+}
+
+func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		clk.close()
+		return nil, err
+	}
+	c := &Cache[V]{
+		opts:  opts,
+		id:    rand.Uint64(),
+		clock: clk,
+		codec: valueCodec[V]{codec: opts.Codec},
+		remote: remote{
+			client:  opts.Redis,
+			prefix:  opts.Namespace + ":",
+			channel: "tiered:inv:" + opts.Namespace,
+		},
+	}
+	for _, b := range []*burstLog{&c.remoteLog, &c.corruptLog, &c.encodeLog, &c.panicLog} {
+		b.log = opts.Logger.With("namespace", opts.Namespace)
+	}
+	c.reads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked}
+	c.loads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked}
+	c.sub = acquireSubscriber(opts.Redis, opts.HeartbeatInterval, opts.Logger)
+	c.local, err = newLocal[V](opts.LocalMaxBytes, clk, &c.sub.epoch)
+	if err != nil {
+		c.sub.release()
+		clk.close()
+		return nil, fmt.Errorf("%w: %w", ErrInvalidOption, err)
+	}
+	c.sub.add(c.remote.channel, c)
+	return c, nil
+}
+
+// Get returns the value of key from L1 or Redis. It returns ErrNotFound if
+// neither has it (or Redis remembers that the loader did not find it), and
+// an error wrapping ErrRemoteUnavailable if L1 misses and Redis cannot be
+// asked. An L1 hit is served even if ctx is done; anything that would block
+// first checks ctx.
+func (c *Cache[V]) Get(ctx context.Context, key string) (V, error) {
+	if e, ok := c.local.get(key); ok {
+		c.stats.localHits.add(e.slot)
+		return e.result()
+	}
+	if err := c.usable(ctx, key); err != nil {
+		var zero V
+		return zero, err
+	}
+	c.missed()
+	localTTL, _, _ := c.ttls(key, nil)
+	return c.reads.do(ctx, key, func(ctx context.Context) (V, error) {
+		v, res, err := c.fetch(ctx, key, c.local.begin(key), localTTL)
+		switch res {
+		case fetchHit:
+			return v, nil
+		case fetchFailed:
+			return v, err
+		default:
+			return v, ErrNotFound
+		}
+	})
+}
+
+// GetOrLoad returns the value of key from L1 or Redis, or else calls load,
+// caches its result in both tiers and returns it.
+//
+// Concurrent calls for one key in one process make one load; all get its
+// result. load runs with a context that keeps ctx's values but not its
+// cancellation, bounded by Options.LoadTimeout; each caller still returns
+// as soon as its own ctx is done (the load goes on and is cached). If load
+// returns an error, it is returned and nothing is cached, unless it is
+// ErrNotFound and Options.NegativeTTL is set: then "not found" is cached.
+// If load panics, every waiting caller gets an error wrapping
+// ErrLoaderPanic. If Redis is down, GetOrLoad still loads and returns the
+// value (and keeps it in L1); the failure is counted and logged.
+//
+// Pass load as a function value that does not allocate per call (a
+// top-level function, or a method value or closure made once): a closure
+// literal capturing variables costs an allocation per call, hit or miss.
+func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
+	load func(ctx context.Context, key string) (V, error), opts ...ItemOption) (V, error) {
+	if e, ok := c.local.get(key); ok {
+		c.stats.localHits.add(e.slot)
+		return e.result()
+	}
+	var zero V
+	if err := c.usable(ctx, key); err != nil {
+		return zero, err
+	}
+	if load == nil {
+		return zero, fmt.Errorf("%w: nil loader", ErrInvalidOption)
+	}
+	localTTL, remoteTTL, err := c.ttls(key, opts)
+	if err != nil {
+		return zero, err
+	}
+	c.missed()
+	return c.loads.do(ctx, key, func(ctx context.Context) (V, error) {
+		t := c.local.begin(key)
+		v, res, _ := c.fetch(ctx, key, t, localTTL)
+		switch res {
+		case fetchHit:
+			return v, nil
+		case fetchNotFound:
+			return v, ErrNotFound
+		}
+		return c.load(ctx, key, t, load, res, localTTL, remoteTTL)
+	})
+}
+
+// Set stores v under key in Redis and in this instance's L1, and tells every
+// other instance to drop key from its L1. When Set returns nil, a Get on
+// this instance returns v (from L1, unless its admission policy rejected
+// it, which happens only when L1 is full) and other instances drop their
+// old value as soon as the invalidation reaches them. If Redis fails, Set
+// returns an error wrapping ErrRemoteUnavailable and this instance's L1
+// drops key: Redis may or may not have taken v.
+func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption) error {
+	if err := c.usable(ctx, key); err != nil {
+		return err
+	}
+	localTTL, remoteTTL, err := c.ttls(key, opts)
+	if err != nil {
+		return err
+	}
+	b, err := c.codec.encode(v)
+	if err != nil {
+		c.stats.encodeErrors.Add(1)
+		return err
+	}
+	expires, ttl := c.remoteExpiry(remoteTTL)
+	t, started := c.local.beginWrite(key)
+	err = c.remote.write(ctx, key, encodeEnvelope(kindValue, expires, b), ttl, encodeInvalidation(c.id, key))
+	t, ok := c.local.endWrite(t, started)
+	if err != nil {
+		c.local.invalidate(key)
+		c.remoteFailed(err)
+		return err
+	}
+	c.stats.published.Add(1)
+	if ok {
+		c.keep(key, t, v, false, len(b), localTTL, expires, false, true)
+	}
+	return nil
+}
+
+// Delete removes keys from Redis and from L1, here and, through one
+// invalidation message (one per hash slot on a cluster), on every other
+// instance. On error, L1 has dropped the keys here; Redis may or may not
+// have.
+func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
+	for _, k := range keys {
+		if err := c.usable(ctx, k); err != nil {
+			return err
+		}
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	// Dropping before the write invalidates fills that may have read the
+	// old value; dropping after invalidates fills that began during it.
+	for _, k := range keys {
+		c.local.invalidate(k)
+	}
+	sent, err := c.remote.del(ctx, keys, func(ks []string) []byte { return encodeInvalidation(c.id, ks...) })
+	for _, k := range keys {
+		c.local.invalidate(k)
+	}
+	if err != nil {
+		c.remoteFailed(err)
+		return err
+	}
+	c.stats.published.Add(uint64(sent))
+	return nil
+}
+
+// Stats returns a snapshot of the cache's counters.
+func (c *Cache[V]) Stats() Stats {
+	s := &c.stats
+	return Stats{
+		LocalHits:              s.localHits.load(),
+		LocalMisses:            s.localMisses.Load(),
+		RemoteHits:             s.remoteHits.Load(),
+		RemoteMisses:           s.remoteMisses.Load(),
+		Loads:                  s.loads.Load(),
+		LoadErrors:             s.loadErrors.Load(),
+		LoadPanics:             s.loadPanics.Load(),
+		RemoteErrors:           s.remoteErrors.Load(),
+		CorruptValues:          s.corrupt.Load(),
+		EncodeErrors:           s.encodeErrors.Load(),
+		LocalTooLarge:          s.tooLarge.Load(),
+		InvalidationsPublished: s.published.Load(),
+		InvalidationsReceived:  s.received.Load(),
+		KeysInvalidated:        s.keysInval.Load(),
+		SubscriptionGaps:       c.sub.gaps.Load(),
+		HeartbeatMisses:        c.sub.hbMisses.Load(),
+		LocalBypassed:          s.bypassed.Load(),
+	}
+}
+
+// Close stops the cache's background work and releases L1. Calls after
+// Close return ErrClosed; a second Close does nothing. Close does not close
+// Options.Redis.
+func (c *Cache[V]) Close() error {
+	if !c.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	c.sub.remove(c.remote.channel, c)
+	c.sub.release()
+	c.local.close()
+	c.clock.close()
+	return nil
+}
+
+// usable returns the error that stops a call before it does any work.
+func (c *Cache[V]) usable(ctx context.Context, key string) error {
+	switch {
+	case c.closed.Load():
+		return ErrClosed
+	case key == "":
+		return ErrInvalidKey
+	}
+	return ctx.Err()
+}
+
+func (c *Cache[V]) missed() {
+	c.stats.localMisses.Add(1)
+	if !c.sub.healthy() || !c.ready.Load() {
+		c.stats.bypassed.Add(1)
+	}
+}
+
+func (e *entry[V]) result() (V, error) {
+	if e.notFound {
+		var zero V
+		return zero, ErrNotFound
+	}
+	return e.value, nil
+}
+
+type fetchResult int
+
+const (
+	fetchHit      fetchResult = iota // Redis has the value
+	fetchNotFound                    // Redis remembers that the loader did not find it
+	fetchMiss                        // Redis has nothing
+	fetchCorrupt                     // Redis has something that is not ours
+	fetchFailed                      // Redis did not answer
+)
+
+// fetch reads key from Redis and, on a hit, keeps it in L1 under t.
+func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL time.Duration) (V, fetchResult, error) {
+	var zero V
+	b, found, err := c.remote.get(ctx, key)
+	if err != nil {
+		c.remoteFailed(err)
+		return zero, fetchFailed, err
+	}
+	if !found {
+		c.stats.remoteMisses.Add(1)
+		return zero, fetchMiss, nil
+	}
+	kind, expires, payload, err := decodeEnvelope(b)
+	v := zero
+	if err == nil && kind == kindValue {
+		v, err = c.codec.decode(payload)
+	}
+	if err != nil {
+		c.stats.corrupt.Add(1)
+		c.stats.remoteMisses.Add(1)
+		c.corruptLog.warn("tiered: value in redis is not ours or does not decode; treating it as a miss",
+			"key", key, "err", err)
+		return zero, fetchCorrupt, nil
+	}
+	c.stats.remoteHits.Add(1)
+	c.keep(key, t, v, kind == kindNotFound, len(payload), localTTL, expires, false, false)
+	if kind == kindNotFound {
+		return zero, fetchNotFound, nil
+	}
+	return v, fetchHit, nil
+}
+
+// load calls the loader for key and caches what it returns. res is what
+// fetch found in Redis.
+func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
+	load func(context.Context, string) (V, error), res fetchResult, localTTL, remoteTTL time.Duration) (V, error) {
+	c.stats.loads.Add(1)
+	v, err := load(ctx, key)
+	notFound := errors.Is(err, ErrNotFound)
+	switch {
+	case notFound && c.opts.NegativeTTL > 0:
+		remoteTTL = c.opts.NegativeTTL
+		localTTL = min(localTTL, c.opts.NegativeTTL)
+	case notFound:
+		return v, err
+	case err != nil:
+		c.stats.loadErrors.Add(1)
+		return v, err
+	}
+	var b []byte
+	kind := byte(kindNotFound)
+	if !notFound {
+		kind = kindValue
+		if b, err = c.codec.encode(v); err != nil {
+			c.stats.encodeErrors.Add(1)
+			c.encodeLog.warn("tiered: loaded value cannot be encoded; returning it uncached",
+				"key", key, "err", err)
+			return v, nil
+		}
+	}
+	expires, ttl := c.remoteExpiry(remoteTTL)
+	// Redis did not answer the read: do not wait for it again.
+	outage := res == fetchFailed
+	stored := false
+	if !outage {
+		// A corrupt value is overwritten; otherwise only an empty key is
+		// filled, so that a Set that happened during the load wins.
+		stored, err = c.remote.fill(ctx, key, encodeEnvelope(kind, expires, b), ttl, res == fetchCorrupt)
+		if err != nil {
+			c.remoteFailed(err)
+			outage = true
+		}
+	}
+	if stored || outage {
+		c.keep(key, t, v, notFound, len(b), localTTL, expires, outage, false)
+	}
+	if notFound {
+		return v, ErrNotFound
+	}
+	return v, nil
+}
+
+// keep stores v in L1 under ticket t for at most ttl and never past
+// remoteExpires. outage says that Redis could not be reached during the
+// fill; such a value is kept even while the subscription is unhealthy (the
+// subscription's epoch is then odd, and the value is dropped when it heals).
+// If wait, keep returns once a Get would see the value.
+func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl time.Duration,
+	remoteExpires int64, outage, wait bool) {
+	if !outage && !(t.healthy() && c.ready.Load()) {
+		return
+	}
+	cost := int64(size + len(key) + entryOverhead)
+	if cost > c.opts.LocalMaxBytes {
+		c.stats.tooLarge.Add(1)
+		return
+	}
+	e := &entry[V]{
+		value:    v,
+		expires:  min(c.clock.now()+int64(ttl), remoteExpires),
+		gen:      t.gen,
+		epoch:    t.epoch,
+		slot:     t.slot,
+		notFound: notFound,
+	}
+	c.local.set(key, e, cost, wait)
+}
+
+// remoteExpiry applies jitter to ttl and returns the L2 TTL and the expiry
+// to record in the envelope.
+func (c *Cache[V]) remoteExpiry(ttl time.Duration) (expires int64, jittered time.Duration) {
+	jittered = ttl - time.Duration(rand.Float64()*c.opts.RemoteTTLJitter*float64(ttl))
+	jittered = max(jittered, time.Millisecond) // PX must be positive
+	return c.clock.now() + int64(jittered), jittered
+}
+
+func (c *Cache[V]) remoteFailed(err error) {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return
+	}
+	c.stats.remoteErrors.Add(1)
+	c.remoteLog.warn("tiered: redis call failed; serving from L1 and the loader", "err", err)
+}
+
+func (c *Cache[V]) panicked(err error) {
+	c.stats.loadPanics.Add(1)
+	c.stats.loadErrors.Add(1)
+	c.panicLog.warn("tiered: loader panicked", "err", err)
+}
+
+// subscribed is called once our invalidation channel is confirmed. Fills
+// that began before could have missed an invalidation, so L1 is flushed
+// before it is used.
+func (c *Cache[V]) subscribed() {
+	c.local.invalidateAll()
+	c.ready.Store(true)
+}
+
+// invalidated applies an invalidation message from our channel.
+func (c *Cache[V]) invalidated(payload string) {
+	origin, keys, err := decodeInvalidation(payload)
+	if err != nil {
+		// Not ours: we cannot tell what it means, so assume the worst.
+		c.local.invalidateAll()
+		c.corruptLog.warn("tiered: malformed invalidation message; L1 flushed", "err", err)
+		return
+	}
+	if origin == c.id {
+		return
+	}
+	c.stats.received.Add(1)
+	for _, k := range keys {
+		c.local.invalidate(k)
+	}
+	c.stats.keysInval.Add(uint64(len(keys)))
+}
