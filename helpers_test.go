@@ -105,6 +105,7 @@ type redisServer struct {
 	t    testing.TB
 	Addr string
 	port int
+	bin  string
 	dir  string
 	args []string
 	cmd  *exec.Cmd
@@ -119,21 +120,21 @@ func startRedisServer(t testing.TB, extra ...string) *redisServer {
 	if err != nil {
 		skipOrFail(t, "redis-server is not installed: this test needs a private Redis (apt-get install redis-server)")
 	}
-	s := &redisServer{t: t, port: freePort(t), dir: t.TempDir()}
+	s := &redisServer{t: t, bin: bin, port: freePort(t), dir: t.TempDir()}
 	s.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port))
 	s.args = append([]string{
 		"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", s.dir,
 		"--logfile", filepath.Join(s.dir, "redis.log"),
 	}, extra...)
-	s.start(bin)
+	s.start()
 	t.Cleanup(s.Stop)
 	return s
 }
 
-func (s *redisServer) start(bin string) {
+func (s *redisServer) start() {
 	s.t.Helper()
-	s.cmd = exec.Command(bin, s.args...)
+	s.cmd = exec.Command(s.bin, s.args...)
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("start redis-server: %v", err)
 	}
@@ -159,12 +160,7 @@ func (s *redisServer) Stop() {
 func (s *redisServer) Restart() {
 	s.t.Helper()
 	s.Stop()
-	s.start(s.cmd0())
-}
-
-func (s *redisServer) cmd0() string {
-	bin, _ := exec.LookPath("redis-server")
-	return bin
+	s.start()
 }
 
 func freePort(t testing.TB) int {
