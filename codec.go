@@ -28,11 +28,13 @@ type valueCodec[V any] struct {
 }
 
 func (c valueCodec[V]) encode(v V) ([]byte, error) {
-	switch x := any(v).(type) {
-	case string:
-		return []byte(x), nil
-	case []byte:
-		return x, nil
+	// Switch on V, not on v's dynamic type: with V = any, a string value
+	// must go through the codec, since decode (into *any) will use it.
+	switch any((*V)(nil)).(type) {
+	case *string:
+		return []byte(any(v).(string)), nil
+	case *[]byte:
+		return any(v).([]byte), nil
 	}
 	b, err := c.codec.Marshal(v)
 	if err != nil {

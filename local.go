@@ -61,6 +61,12 @@ type local[V any] struct {
 	// reading and Close takes it for writing. Get is safe after Close.
 	mu     sync.RWMutex
 	closed bool
+
+	// A Get racing Close can panic too ("send on closed channel": it
+	// pushes its access record to the policy, whose channel Close
+	// closes), and taking mu on the hit path costs too much. So get stays
+	// out once closing is set, and a Get already inside recovers.
+	closing atomic.Bool
 }
 
 func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V], error) {
@@ -86,8 +92,19 @@ func (l *local[V]) slot(key string) uint32 {
 // get returns the key's entry if it may be served: not expired, and filled
 // under a ticket that is still current. This is the hot path: one ristretto
 // Get and three atomic loads.
-func (l *local[V]) get(key string) (*entry[V], bool) {
-	e, ok := l.store.Get(key)
+func (l *local[V]) get(key string) (e *entry[V], ok bool) {
+	if l.closing.Load() {
+		return nil, false
+	}
+	defer func() {
+		if p := recover(); p != nil {
+			if !l.closing.Load() {
+				panic(p)
+			}
+			e, ok = nil, false
+		}
+	}()
+	e, ok = l.store.Get(key)
 	if !ok || e.expires <= l.clock.now() ||
 		e.gen != l.gens[e.slot].Load() || e.epoch != l.epoch.Load() {
 		return nil, false
@@ -145,6 +162,12 @@ func (l *local[V]) set(key string, e *entry[V], cost int64, wait bool) bool {
 	ok := l.store.Set(key, e, cost)
 	if ok && wait {
 		l.store.Wait()
+		// Of two buffered Sets of one new key ristretto keeps the older
+		// (here: a fill, not waited for, that began before this write).
+		// Now the key is stored, and a Set of a stored key applies at once.
+		if got, found := l.store.Get(key); found && got != e {
+			ok = l.store.Set(key, e, cost)
+		}
 	}
 	return ok
 }
@@ -168,6 +191,7 @@ func (l *local[V]) invalidateAll() {
 }
 
 func (l *local[V]) close() {
+	l.closing.Store(true)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if !l.closed {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"runtime/debug"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/singleflight"
@@ -25,13 +26,16 @@ type flight[V any] struct {
 	group   singleflight.Group
 	timeout time.Duration
 	onPanic func(err error) // counts and logs; called once per panic
+	shared  *atomic.Uint64  // callers that got the result of another caller's run
 }
 
 // do runs fn for key unless a run for key is in flight, in which case it
 // waits for that run's result. The result is shared: callers must treat it
 // as read-only.
 func (f *flight[V]) do(ctx context.Context, key string, fn func(ctx context.Context) (V, error)) (V, error) {
+	ran := false // set by this caller's fn, if it is the one that runs
 	ch := f.group.DoChan(key, func() (v any, err error) {
+		ran = true
 		defer func() {
 			if p := recover(); p != nil {
 				err = fmt.Errorf("%w: %v\n%s", ErrLoaderPanic, p, debug.Stack())
@@ -44,6 +48,9 @@ func (f *flight[V]) do(ctx context.Context, key string, fn func(ctx context.Cont
 	})
 	select {
 	case r := <-ch:
+		if !ran { // reading ran is safe: fn wrote it before ch was sent on
+			f.shared.Add(1)
+		}
 		v, _ := r.Val.(V)
 		return v, r.Err
 	case <-ctx.Done():

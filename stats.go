@@ -28,6 +28,7 @@ type Stats struct {
 	// the other Caches on its Redis client, and read the same in all of them.
 	SubscriptionGaps uint64 // times the subscription was found broken: L1 was flushed
 	HeartbeatMisses  uint64 // gaps found because a heartbeat did not come back in time
+	Flushes          uint64 // L1 flushes without a gap: Redis answered again after failing, or a cluster's masters changed
 	LocalBypassed    uint64 // L1 misses caused by an unhealthy subscription (this Cache)
 }
 
@@ -59,5 +60,5 @@ type counters struct {
 	loadPanics, remoteErrors        atomic.Uint64
 	corrupt, encodeErrors, tooLarge atomic.Uint64
 	published, received, keysInval  atomic.Uint64
-	bypassed                        atomic.Uint64
+	bypassed, shared                atomic.Uint64
 }

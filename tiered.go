@@ -67,16 +67,22 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 		clock: clk,
 		codec: valueCodec[V]{codec: opts.Codec},
 		remote: remote{
-			client:  opts.Redis,
-			prefix:  opts.Namespace + ":",
-			channel: "tiered:inv:" + opts.Namespace,
+			client:       opts.Redis,
+			prefix:       opts.Namespace + ":",
+			channel:      "tiered:inv:" + opts.Namespace,
+			waitReplicas: opts.WaitReplicas,
+			waitTimeout:  opts.WaitTimeout,
 		},
 	}
 	for _, b := range []*burstLog{&c.remoteLog, &c.corruptLog, &c.encodeLog, &c.panicLog} {
 		b.log = opts.Logger.With("namespace", opts.Namespace)
 	}
-	c.reads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked}
-	c.loads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked}
+	// Values loaded while Redis failed were kept in L1 (it was all there
+	// was); once Redis answers again they must not outlive that: Redis may
+	// hold something else, and no invalidation will say so.
+	c.remote.breaker.onRecover = func() { c.sub.flush("redis answers again") }
+	c.reads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, shared: &c.stats.shared}
+	c.loads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, shared: &c.stats.shared}
 	c.sub = acquireSubscriber(opts.Redis, opts.HeartbeatInterval, opts.Logger)
 	c.local, err = newLocal[V](opts.LocalMaxBytes, clk, &c.sub.epoch)
 	if err != nil {
@@ -241,6 +247,7 @@ func (c *Cache[V]) Stats() Stats {
 		Loads:                  s.loads.Load(),
 		LoadErrors:             s.loadErrors.Load(),
 		LoadPanics:             s.loadPanics.Load(),
+		Shared:                 s.shared.Load(),
 		RemoteErrors:           s.remoteErrors.Load(),
 		CorruptValues:          s.corrupt.Load(),
 		EncodeErrors:           s.encodeErrors.Load(),
@@ -250,6 +257,7 @@ func (c *Cache[V]) Stats() Stats {
 		KeysInvalidated:        s.keysInval.Load(),
 		SubscriptionGaps:       c.sub.gaps.Load(),
 		HeartbeatMisses:        c.sub.hbMisses.Load(),
+		Flushes:                c.sub.flushes.Load(),
 		LocalBypassed:          s.bypassed.Load(),
 	}
 }
@@ -378,7 +386,9 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 		}
 	}
 	if stored || outage {
-		c.keep(key, t, v, notFound, len(b), localTTL, expires, outage, false)
+		// In an outage L1 is all there is: wait until it has the value, or
+		// the next caller finds neither tier and loads again.
+		c.keep(key, t, v, notFound, len(b), localTTL, expires, outage, outage)
 	}
 	if notFound {
 		return v, ErrNotFound
@@ -442,6 +452,11 @@ func (c *Cache[V]) subscribed() {
 	c.ready.Store(true)
 }
 
+// clusterChanged is called when a Redis Cluster's masters changed: where
+// Redis failed it may answer again, so stop failing fast. (Closing an open
+// breaker flushes L1 of what was loaded while Redis failed.)
+func (c *Cache[V]) clusterChanged() { c.remote.breaker.record(nil) }
+
 // invalidated applies an invalidation message from our channel.
 func (c *Cache[V]) invalidated(payload string) {
 	origin, keys, err := decodeInvalidation(payload)
@@ -454,9 +469,10 @@ func (c *Cache[V]) invalidated(payload string) {
 	if origin == c.id {
 		return
 	}
-	c.stats.received.Add(1)
 	for _, k := range keys {
 		c.local.invalidate(k)
 	}
+	// Counted once applied, so that a count seen means the keys are dropped.
+	c.stats.received.Add(1)
 	c.stats.keysInval.Add(uint64(len(keys)))
 }
