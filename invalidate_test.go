@@ -1,0 +1,443 @@
+package tiered
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Cross-instance invalidation (issue 3), on miniredis. An "instance" is a
+// Cache on its own Redis client, as in another process: it has its own
+// subscription and its own L1. The tests that need a real redis-server
+// (CLIENT KILL, restart, stall, soak, latency) are in
+// invalidate_redis_test.go.
+
+// invWait bounds every wait for an event in these tests. It is a failure
+// bound for a loaded 2-core machine under -race, not an expected time.
+const invWait = 10 * time.Second
+
+// newInstances returns n Caches sharing one namespace, each on a client of
+// its own made by dial, each with its subscription healthy.
+func newInstances[V any](t *testing.T, n int, dial func() redis.UniversalClient, opts Options) []*Cache[V] {
+	t.Helper()
+	if opts.Namespace == "" {
+		opts.Namespace = uniqueNamespace(t)
+	}
+	cs := make([]*Cache[V], n)
+	for i := range cs {
+		cs[i] = newTestCache[V](t, dial(), opts)
+	}
+	return cs
+}
+
+// miniredisDialer returns a function making new clients on one miniredis.
+func miniredisDialer(t *testing.T) func() redis.UniversalClient {
+	mr, _ := newMiniredis(t)
+	return func() redis.UniversalClient {
+		rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+		t.Cleanup(func() { _ = rdb.Close() })
+		return rdb
+	}
+}
+
+// getWithSource returns c.Get(key) and whether L1 served it. The caller
+// must be the only one using c at the time.
+func getWithSource[V any](c *Cache[V], key string) (v V, fromL1 bool, err error) {
+	before := c.Stats().LocalHits
+	v, err = c.Get(context.Background(), key)
+	return v, c.Stats().LocalHits > before, err
+}
+
+// mustHoldInL1 reads key on c until L1 serves it, failing if any read
+// returns anything but want. A fill from Redis reaches L1 asynchronously
+// (ristretto buffers new keys), hence the loop.
+func mustHoldInL1[V comparable](t *testing.T, c *Cache[V], key string, want V) {
+	t.Helper()
+	waitUntil(t, invWait, fmt.Sprintf("L1 to serve %q", key), func() bool {
+		v, fromL1, err := getWithSource(c, key)
+		if err != nil || v != want {
+			t.Fatalf("Get(%q) = %v, %v; want %v", key, v, err, want)
+		}
+		return fromL1
+	})
+}
+
+// mustGet fails unless c.Get(key) returns want right now (no retry).
+func mustGet[V comparable](t *testing.T, c *Cache[V], key string, want V) {
+	t.Helper()
+	v, fromL1, err := getWithSource(c, key)
+	if err != nil || v != want {
+		t.Fatalf("Get(%q) = %v (from L1: %v), %v; want %v", key, v, fromL1, err, want)
+	}
+}
+
+// mustBeNotFound fails unless c.Get(key) returns ErrNotFound right now.
+func mustBeNotFound[V any](t *testing.T, c *Cache[V], key string) {
+	t.Helper()
+	if v, fromL1, err := getWithSource(c, key); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get(%q) = %v (from L1: %v), %v; want ErrNotFound", key, v, fromL1, err)
+	}
+}
+
+// awaitReceived waits until c has applied at least n invalidation
+// messages from other instances (the counter moves after the keys are
+// dropped from L1).
+func awaitReceived[V any](t *testing.T, c *Cache[V], n uint64) {
+	t.Helper()
+	waitUntil(t, invWait, fmt.Sprintf("%d invalidations to be applied", n), func() bool {
+		return c.Stats().InvalidationsReceived >= n
+	})
+}
+
+// ---- Fan-out ----
+
+func TestWriteOnOneInstanceInvalidatesTheOthers(t *testing.T) {
+	checkFanOut(t, miniredisDialer(t))
+}
+
+// checkFanOut: every write (Set or Delete) on any of three instances makes
+// the two others stop serving the value they hold in L1, as soon as its
+// invalidation message has been applied.
+func checkFanOut(t *testing.T, dial func() redis.UniversalClient) {
+	ctx := context.Background()
+	cs := newInstances[string](t, 3, dial, Options{})
+	received := make([]uint64, len(cs))
+	for w, writer := range cs {
+		key := fmt.Sprintf("k%d", w)
+		if err := writer.Set(ctx, key, "v1"); err != nil {
+			t.Fatal(err)
+		}
+		for r, reader := range cs {
+			if r != w {
+				received[r]++
+				awaitReceived(t, reader, received[r])
+				mustHoldInL1(t, reader, key, "v1")
+			}
+		}
+
+		if err := writer.Set(ctx, key, "v2"); err != nil {
+			t.Fatal(err)
+		}
+		for r, reader := range cs {
+			if r != w {
+				received[r]++
+				awaitReceived(t, reader, received[r])
+				mustGet(t, reader, key, "v2") // not v1 from L1
+				mustHoldInL1(t, reader, key, "v2")
+			}
+		}
+
+		if err := writer.Delete(ctx, key); err != nil {
+			t.Fatal(err)
+		}
+		for r, reader := range cs {
+			if r != w {
+				received[r]++
+				awaitReceived(t, reader, received[r])
+				mustBeNotFound(t, reader, key) // not v2 from L1
+			}
+		}
+	}
+	for i, c := range cs {
+		s := c.Stats()
+		if s.InvalidationsPublished != 3 || s.InvalidationsReceived != 6 || s.KeysInvalidated != 6 {
+			t.Errorf("instance %d: published %d, received %d, keys invalidated %d; want 3, 6, 6",
+				i, s.InvalidationsPublished, s.InvalidationsReceived, s.KeysInvalidated)
+		}
+	}
+}
+
+func TestDeleteOfManyKeysSendsOneInvalidation(t *testing.T) {
+	ctx := context.Background()
+	dial := miniredisDialer(t)
+	cs := newInstances[string](t, 2, dial, Options{})
+	a, b := cs[0], cs[1]
+	keys := []string{"k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"}
+	for _, k := range keys {
+		if err := a.Set(ctx, k, "v"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	awaitReceived(t, b, uint64(len(keys)))
+	for _, k := range keys {
+		mustHoldInL1(t, b, k, "v")
+	}
+
+	// Watch the channel as an outsider would.
+	spy := dial().Subscribe(ctx, "tiered:inv:"+a.opts.Namespace)
+	t.Cleanup(func() { _ = spy.Close() })
+	if _, err := spy.Receive(ctx); err != nil { // the subscription's confirmation
+		t.Fatal(err)
+	}
+
+	pa, rb, kb := a.Stats().InvalidationsPublished, b.Stats().InvalidationsReceived, b.Stats().KeysInvalidated
+	if err := a.Delete(ctx, keys...); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Set(ctx, "after", "v"); err != nil { // a marker: the next message
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, rb+2)
+	if got := a.Stats().InvalidationsPublished - pa; got != 2 {
+		t.Errorf("a published %d messages for Delete of %d keys and one Set; want 2", got, len(keys))
+	}
+	if got := b.Stats().KeysInvalidated - kb; got != uint64(len(keys))+1 {
+		t.Errorf("b invalidated %d keys; want %d", got, len(keys)+1)
+	}
+	for _, k := range keys {
+		mustBeNotFound(t, b, k)
+	}
+
+	// On the wire: one message naming every key, then the marker's.
+	for i, want := range [][]string{keys, {"after"}} {
+		msg, err := spy.ReceiveMessage(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		origin, got, err := decodeInvalidation(msg.Payload)
+		if err != nil || origin != a.id || !slices.Equal(got, want) {
+			t.Errorf("message %d: origin %x, keys %q, %v; want origin %x (a), keys %q", i, origin, got, err, a.id, want)
+		}
+	}
+}
+
+func TestInstanceIgnoresItsOwnInvalidations(t *testing.T) {
+	ctx := context.Background()
+	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
+	a, b := cs[0], cs[1]
+	if err := a.Set(ctx, "mine", "v"); err != nil {
+		t.Fatal(err)
+	}
+	// b's message is published after a's own one on the same channel, so
+	// once a has applied it, a has seen (and skipped) its own.
+	if err := b.Set(ctx, "theirs", "w"); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, a, 1)
+
+	if s := a.Stats(); s.InvalidationsReceived != 1 || s.KeysInvalidated != 1 {
+		t.Errorf("a received %d messages for %d keys; want only b's: 1 for 1", s.InvalidationsReceived, s.KeysInvalidated)
+	}
+	v, fromL1, err := getWithSource(a, "mine")
+	if err != nil || v != "v" || !fromL1 {
+		t.Errorf("a's Get of its own write = %q (from L1: %v), %v; want \"v\" from L1", v, fromL1, err)
+	}
+}
+
+// ---- The fill race ----
+
+// blockNextGet makes rdb hold the reply of its next GET (once armed) until
+// release is closed; got is closed once the reply is in.
+type blockNextGet struct {
+	armed        atomic.Bool
+	got, release chan struct{}
+}
+
+func holdNextGet(rdb *redis.Client) *blockNextGet {
+	b := &blockNextGet{got: make(chan struct{}), release: make(chan struct{})}
+	rdb.AddHook(invHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
+		err := next(ctx, cmd)
+		if cmd.Name() == "get" && b.armed.CompareAndSwap(true, false) {
+			close(b.got)
+			<-b.release
+		}
+		return err
+	}})
+	return b
+}
+
+type invHook struct {
+	process func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error
+}
+
+func (h invHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h invHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { return h.process(ctx, cmd, next) }
+}
+
+func (h invHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// flushL1Buffer makes ristretto apply the Sets it has buffered, so that a
+// stale fill, if it was stored, is visible to the next Get. Without it a
+// test could pass only because the fill had not landed yet.
+func flushL1Buffer[V any](c *Cache[V]) { c.local.store.Wait() }
+
+func TestRedisReadRacingAnotherInstancesSetIsNotServedFromL1(t *testing.T) {
+	ctx := context.Background()
+	mr, _ := newMiniredis(t)
+	rdbA := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	rdbB := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	t.Cleanup(func() { _ = rdbA.Close(); _ = rdbB.Close() })
+	hold := holdNextGet(rdbB)
+	a := newTestCache[string](t, rdbA, Options{})
+	b := newTestCache[string](t, rdbB, Options{Namespace: a.opts.Namespace})
+	if err := a.Set(ctx, "k", "old"); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 1)
+
+	// b's read of Redis returns "old" but is held before it fills L1.
+	hold.armed.Store(true)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = b.Get(ctx, "k") // it may return "old": it began before the Set
+	}()
+	<-hold.got
+	// a overwrites the key and b applies the invalidation, all while b's
+	// read is still in flight.
+	if err := a.Set(ctx, "k", "new"); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 2)
+	close(hold.release) // the read now fills L1 with "old"
+	<-done
+	flushL1Buffer(b)
+
+	mustGet(t, b, "k", "new")
+}
+
+func TestLoadRacingAnotherInstancesSetIsNotServedFromL1(t *testing.T) {
+	ctx := context.Background()
+	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
+	a, b := cs[0], cs[1]
+	loading, release := make(chan struct{}), make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = b.GetOrLoad(ctx, "k", func(context.Context, string) (string, error) {
+			close(loading)
+			<-release
+			return "loaded before the Set", nil
+		})
+	}()
+	<-loading
+	if err := a.Set(ctx, "k", "set"); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 1)
+	close(release)
+	<-done
+	flushL1Buffer(b)
+
+	mustGet(t, b, "k", "set")
+	mustHoldInL1(t, b, "k", "set")
+}
+
+// A load that raced a Delete on another instance writes its result back to
+// the then empty Redis (that is cache-aside: the loader read its source
+// before the delete), but L1 must not serve it: it was filled under a
+// ticket the invalidation made stale. The next Get goes to Redis.
+func TestLoadRacingAnotherInstancesDeleteIsNotServedFromL1(t *testing.T) {
+	ctx := context.Background()
+	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
+	a, b := cs[0], cs[1]
+	loading, release := make(chan struct{}), make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = b.GetOrLoad(ctx, "k", func(context.Context, string) (string, error) {
+			close(loading)
+			<-release
+			return "loaded before the Delete", nil
+		})
+	}()
+	<-loading
+	if err := a.Delete(ctx, "k"); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 1)
+	close(release)
+	<-done
+	flushL1Buffer(b)
+
+	before := b.Stats()
+	v, fromL1, err := getWithSource(b, "k")
+	if err != nil || fromL1 {
+		t.Fatalf("Get after the racing load = %q (from L1: %v), %v; want it from Redis", v, fromL1, err)
+	}
+	if got := b.Stats().RemoteHits - before.RemoteHits; got != 1 {
+		t.Errorf("RemoteHits moved by %d; want 1", got)
+	}
+}
+
+// A fill that began before a subscription gap (or inside it, before the
+// resubscription was confirmed) may hold a value whose invalidation the gap
+// lost; it must never be served after the subscription heals.
+func TestFillAcrossASubscriptionGapIsNotServedAfterHeal(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// readBegins is when b's read of the old value begins, relative to
+		// the drop of its subscription.
+		readBegins string
+	}{
+		{"read begins before the drop", "before"},
+		{"read begins after the drop, before the resubscription", "during"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			mr, _ := newMiniredis(t)
+			proxy := startProxy(t, mr.Addr())
+			rdbA := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+			rdbB := redis.NewClient(&redis.Options{Addr: proxy.Addr})
+			t.Cleanup(func() { _ = rdbA.Close(); _ = rdbB.Close() })
+			hold := holdNextGet(rdbB)
+			a := newTestCache[string](t, rdbA, Options{})
+			b := newTestCache[string](t, rdbB, Options{Namespace: a.opts.Namespace})
+			if err := a.Set(ctx, "k", "old"); err != nil {
+				t.Fatal(err)
+			}
+			awaitReceived(t, b, 1)
+
+			done := make(chan struct{})
+			read := func() {
+				hold.armed.Store(true)
+				go func() {
+					defer close(done)
+					_, _ = b.Get(ctx, "k")
+				}()
+				<-hold.got // b has read "old" from Redis; its fill is held
+			}
+			if tc.readBegins == "before" {
+				read()
+			}
+			// Drop b's subscription so that it cannot come back yet: its
+			// connection is killed and the new one is held by the proxy.
+			proxy.StallSubscribers()
+			if n := proxy.KillSubscribers(); n != 1 {
+				t.Fatalf("killed %d subscriber connections; want 1", n)
+			}
+			waitUntil(t, invWait, "b to notice the drop", func() bool { return b.Stats().SubscriptionGaps >= 1 })
+			if b.sub.healthy() {
+				t.Fatal("b's subscription is healthy before it could resubscribe")
+			}
+			if tc.readBegins == "during" {
+				read()
+			}
+			// The overwrite's invalidation is lost to b: b is not subscribed.
+			if err := a.Set(ctx, "k", "new"); err != nil {
+				t.Fatal(err)
+			}
+			proxy.Resume()
+			waitUntil(t, invWait, "b's subscription to heal", b.sub.healthy)
+			close(hold.release) // the fill of "old" lands now
+			<-done
+			flushL1Buffer(b)
+
+			mustGet(t, b, "k", "new")
+			if got := b.Stats().InvalidationsReceived; got != 1 {
+				t.Errorf("b received %d invalidations; want 1 (the overwrite's must have been lost, or this test proves nothing)", got)
+			}
+			mustHoldInL1(t, b, "k", "new") // and L1 is in use again
+		})
+	}
+}
