@@ -2,7 +2,6 @@ package tiered
 
 import (
 	"fmt"
-	"io"
 	"log/slog"
 	"time"
 
@@ -14,7 +13,10 @@ import (
 type Options struct {
 	// Redis is the L2 client: a *redis.Client, *redis.ClusterClient or a
 	// failover client. The Cache never closes it. Bound how long a slow Redis
-	// can hold a call with the client's ReadTimeout and WriteTimeout.
+	// can hold a call with the client's ReadTimeout and WriteTimeout. A
+	// ClusterClient must read from masters (not ReadOnly, RouteByLatency or
+	// RouteRandomly): a lagging replica would refill L1 with overwritten
+	// values.
 	Redis redis.UniversalClient
 
 	// Namespace prefixes every Redis key ("<Namespace>:<key>") and names the
@@ -61,6 +63,23 @@ type Options struct {
 	// the first Cache created on the client.
 	HeartbeatInterval time.Duration
 
+	// WaitReplicas, if positive, makes Set and Delete wait until that many
+	// replicas of the master acknowledge the write (Redis WAIT, sent in the
+	// same pipeline as the write), so that a failover right after does not
+	// lose it: Redis replicates asynchronously, and a master that dies may
+	// take its last acknowledged writes with it. If fewer replicas
+	// acknowledge within WaitTimeout, the call returns an error wrapping
+	// ErrRemoteUnavailable; the master still holds the write and the
+	// invalidation was sent. It costs each write the replication round trip.
+	// WAIT is not consensus: a failover can still lose a write in rare
+	// cases. Requires Redis to be a *redis.Client (including a failover
+	// client) or a *redis.ClusterClient. Default 0: no waiting.
+	WaitReplicas int
+
+	// WaitTimeout bounds the wait for replicas. It must be below the Redis
+	// client's ReadTimeout. Default 1 second.
+	WaitTimeout time.Duration
+
 	// Codec encodes values for Redis. Default JSONCodec. Values of type
 	// string and []byte bypass it.
 	Codec Codec
@@ -78,6 +97,7 @@ const (
 	defaultRemoteTTLJitter   = 0.1
 	defaultLoadTimeout       = 10 * time.Second
 	defaultHeartbeatInterval = 500 * time.Millisecond
+	defaultWaitTimeout       = time.Second
 )
 
 // withDefaults validates o and fills in its defaults.
@@ -115,11 +135,38 @@ func (o Options) withDefaults() (Options, error) {
 	if o.HeartbeatInterval == 0 {
 		o.HeartbeatInterval = defaultHeartbeatInterval
 	}
+	if cc, ok := o.Redis.(*redis.ClusterClient); ok {
+		if co := cc.Options(); co.ReadOnly || co.RouteByLatency || co.RouteRandomly {
+			// A replica that lags behind its master would refill L1 with a
+			// value an invalidation already replaced, for up to LocalTTL.
+			return o, fmt.Errorf("%w: the ClusterClient reads from replicas (ReadOnly, RouteByLatency or RouteRandomly); give the Cache one that reads from masters", ErrInvalidOption)
+		}
+	}
+	if o.WaitReplicas < 0 || o.WaitTimeout < 0 {
+		return o, fmt.Errorf("%w: negative WaitReplicas or WaitTimeout", ErrInvalidOption)
+	}
+	if o.WaitReplicas > 0 {
+		if o.WaitTimeout == 0 {
+			o.WaitTimeout = defaultWaitTimeout
+		}
+		var readTimeout time.Duration
+		switch c := o.Redis.(type) {
+		case *redis.Client:
+			readTimeout = c.Options().ReadTimeout
+		case *redis.ClusterClient:
+			readTimeout = c.Options().ReadTimeout
+		default:
+			return o, fmt.Errorf("%w: WaitReplicas needs a *redis.Client or *redis.ClusterClient, not %T", ErrInvalidOption, o.Redis)
+		}
+		if readTimeout > 0 && o.WaitTimeout >= readTimeout {
+			return o, fmt.Errorf("%w: WaitTimeout %v is not below the client's ReadTimeout %v", ErrInvalidOption, o.WaitTimeout, readTimeout)
+		}
+	}
 	if o.Codec == nil {
 		o.Codec = JSONCodec{}
 	}
 	if o.Logger == nil {
-		o.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	return o, nil
 }

@@ -8,7 +8,9 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,6 +57,7 @@ type subscriber struct {
 
 	gaps     atomic.Uint64
 	hbMisses atomic.Uint64
+	flushes  atomic.Uint64
 
 	mu       sync.Mutex // guards ps, channels, refs
 	ps       *redis.PubSub
@@ -73,6 +76,12 @@ type member interface {
 	subscribed()
 	// invalidated is called for every message on the member's channel.
 	invalidated(payload string)
+}
+
+// clusterMember is a member that wants to know when the masters of a Redis
+// Cluster changed.
+type clusterMember interface {
+	clusterChanged()
 }
 
 type channelMembers struct {
@@ -139,6 +148,10 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 	s.wg.Add(2)
 	go s.receive()
 	go s.heartbeat()
+	if cc, ok := client.(*redis.ClusterClient); ok {
+		s.wg.Add(1)
+		go s.watchCluster(cc)
+	}
 	return s
 }
 
@@ -208,6 +221,76 @@ func (s *subscriber) gap(reason string, err error) bool {
 	s.log.Warn("tiered: invalidation subscription lost; L1 bypassed until it is back",
 		"reason", reason, "err", err)
 	return true
+}
+
+// flush makes every L1 entry filled before it a miss without declaring a
+// gap (no invalidation was lost, but values read before may differ from
+// what Redis now holds). While a gap is open there is nothing to do: its
+// heal bumps the epoch anyway.
+func (s *subscriber) flush(reason string) {
+	s.stateMu.Lock()
+	defer s.stateMu.Unlock()
+	if s.epoch.Load()&1 == 0 {
+		s.epoch.Add(2)
+	}
+	s.flushes.Add(1)
+	// Debug: while part of a cluster is down, calls to it fail and others
+	// succeed, and each success after a failure flushes.
+	s.log.Debug("tiered: L1 flushed", "reason", reason)
+}
+
+// watchCluster runs on a Redis Cluster. Every interval it reloads the
+// client's slot map (one CLUSTER SLOTS) and compares the cluster's masters
+// with the last ones seen. A change (a failover) flushes L1: the promoted
+// replica may lack the last writes its master acknowledged (replication is
+// asynchronous), so values read before may not be what Redis now holds, and
+// a subscription on another node sees nothing of it. The reload also points
+// the client at the promoted replica at once: a dead master refuses
+// connections and sends no MOVED, so by itself go-redis would keep dialing
+// it until its ClusterStateReloadInterval (60 s by default) runs out.
+func (s *subscriber) watchCluster(cc *redis.ClusterClient) {
+	defer s.wg.Done()
+	t := time.NewTicker(s.interval)
+	defer t.Stop()
+	var last string
+	for {
+		select {
+		case <-t.C:
+		case <-s.ctx.Done():
+			return
+		}
+		var mu sync.Mutex
+		var masters []string
+		ctx, cancel := context.WithTimeout(s.ctx, 3*s.interval)
+		err := cc.ForEachMaster(ctx, func(_ context.Context, m *redis.Client) error {
+			mu.Lock()
+			masters = append(masters, m.Options().Addr)
+			mu.Unlock()
+			return nil
+		})
+		cancel()
+		if err != nil || len(masters) == 0 {
+			continue
+		}
+		slices.Sort(masters)
+		cur := strings.Join(masters, " ")
+		if last != "" && cur != last {
+			s.log.Info("tiered: Redis Cluster masters changed; L1 flushed", "before", last, "now", cur)
+			s.flush("cluster masters changed")
+			s.mu.Lock()
+			var members []member
+			for _, cm := range s.channels {
+				members = append(members, cm.members...)
+			}
+			s.mu.Unlock()
+			for _, m := range members {
+				if cm, ok := m.(clusterMember); ok {
+					cm.clusterChanged()
+				}
+			}
+		}
+		last = cur
+	}
 }
 
 // heal records that heartbeat seq came back.
@@ -328,8 +411,14 @@ func (s *subscriber) heartbeat() {
 			return
 		}
 		seq := s.hbSeq.Add(1)
-		// An error needs no handling: the missing echo is what counts.
-		_ = s.client.Publish(s.ctx, s.hbChannel, strconv.FormatUint(seq, 10)).Err()
+		// An error needs no handling: the missing echo is what counts. The
+		// publish gets one interval: on a cluster, go-redis sends each one
+		// to the next master in turn, and one sent to a dead master would
+		// otherwise spend seconds in dial retries, delaying the heartbeats
+		// through the live ones until a healthy subscription looks dead.
+		ctx, cancel := context.WithTimeout(s.ctx, s.interval)
+		_ = s.client.Publish(ctx, s.hbChannel, strconv.FormatUint(seq, 10)).Err()
+		cancel()
 	}
 }
 

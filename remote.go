@@ -34,6 +34,9 @@ type remote struct {
 	prefix  string
 	channel string
 	breaker breaker
+
+	waitReplicas int // Options.WaitReplicas
+	waitTimeout  time.Duration
 }
 
 func (r *remote) key(k string) string { return r.prefix + k }
@@ -56,6 +59,9 @@ func (r *remote) get(ctx context.Context, key string) (b []byte, found bool, err
 func (r *remote) write(ctx context.Context, key string, val []byte, ttl time.Duration, msg []byte) error {
 	if err := r.breaker.allow(); err != nil {
 		return err
+	}
+	if r.waitReplicas > 0 {
+		return r.waited(ctx, []scriptCall{{writeScript, []string{r.key(key)}, []any{val, ttl.Milliseconds(), r.channel, msg}}})
 	}
 	err := writeScript.Run(ctx, r.client, []string{r.key(key)}, val, ttl.Milliseconds(), r.channel, msg).Err()
 	return r.check(ctx, err)
@@ -100,6 +106,13 @@ func (r *remote) del(ctx context.Context, keys []string, msg func(keys []string)
 		}
 		batches = append(batches, g)
 	}
+	if r.waitReplicas > 0 {
+		calls := make([]scriptCall, len(batches))
+		for i, b := range batches {
+			calls[i] = scriptCall{deleteScript, r.keys(b), []any{r.channel, msg(b)}}
+		}
+		return len(batches), r.waited(ctx, calls)
+	}
 	if len(batches) == 1 {
 		err := deleteScript.Run(ctx, r.client, r.keys(batches[0]), r.channel, msg(batches[0])).Err()
 		return 1, r.check(ctx, err)
@@ -117,6 +130,97 @@ func (r *remote) del(ctx context.Context, keys []string, msg func(keys []string)
 		err = run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.Eval(ctx, p, k, a...) })
 	}
 	return len(batches), r.check(ctx, err)
+}
+
+// scriptCall is one script run: its keys share a slot.
+type scriptCall struct {
+	script *redis.Script
+	keys   []string
+	args   []any
+}
+
+// errNotReplicated means WAIT returned fewer replicas than asked for.
+var errNotReplicated = errors.New("write not acknowledged by enough replicas")
+
+// waited runs calls followed by a WAIT for r.waitReplicas replicas. WAIT
+// counts the replication of the writes made on its own connection, so on a
+// cluster the calls are grouped by the master of their slot and sent with
+// the WAIT in one pipeline to that master's client (which uses one
+// connection per pipeline).
+func (r *remote) waited(ctx context.Context, calls []scriptCall) error {
+	type group struct {
+		node  *redis.Client
+		calls []scriptCall
+	}
+	var groups []*group
+	switch c := r.client.(type) {
+	case *redis.ClusterClient:
+		byNode := make(map[*redis.Client]*group)
+		for _, call := range calls {
+			node, err := c.MasterForKey(ctx, call.keys[0])
+			if err != nil {
+				return r.check(ctx, err)
+			}
+			g := byNode[node]
+			if g == nil {
+				g = &group{node: node}
+				byNode[node] = g
+				groups = append(groups, g)
+			}
+			g.calls = append(g.calls, call)
+		}
+	case *redis.Client:
+		groups = []*group{{c, calls}}
+	default: // Options.withDefaults rejects other clients
+		return fmt.Errorf("%w: WaitReplicas with a %T", ErrInvalidOption, r.client)
+	}
+	for _, g := range groups {
+		err := r.execWaited(ctx, g.node, g.calls)
+		if cc, ok := r.client.(*redis.ClusterClient); ok && err != nil && redis.HasErrorPrefix(err, "MOVED") {
+			// Our slot map is stale: the slot moved. go-redis follows MOVED
+			// by itself, but not on a node's own client.
+			cc.ReloadState(ctx)
+		}
+		if errors.Is(err, errNotReplicated) {
+			r.breaker.record(nil) // Redis answered
+			return fmt.Errorf("%w: %w", ErrRemoteUnavailable, err)
+		}
+		if err != nil {
+			return r.check(ctx, err)
+		}
+	}
+	r.breaker.record(nil)
+	return nil
+}
+
+// execWaited sends calls and a WAIT in one pipeline on node.
+func (r *remote) execWaited(ctx context.Context, node *redis.Client, calls []scriptCall) error {
+	ms := max(r.waitTimeout.Milliseconds(), 1) // WAIT 0 would wait forever
+	run := func(byHash bool) (*redis.Cmd, error) {
+		pipe := node.Pipeline()
+		for _, c := range calls {
+			if byHash {
+				c.script.EvalSha(ctx, pipe, c.keys, c.args...)
+			} else {
+				c.script.Eval(ctx, pipe, c.keys, c.args...)
+			}
+		}
+		wait := pipe.Do(ctx, "wait", r.waitReplicas, ms)
+		_, err := pipe.Exec(ctx)
+		return wait, err
+	}
+	wait, err := run(true)
+	if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
+		wait, err = run(false)
+	}
+	if err != nil {
+		return err
+	}
+	n, err := wait.Int64()
+	if err == nil && n < int64(r.waitReplicas) {
+		err = fmt.Errorf("%w: %d of %d within %v", errNotReplicated, n, r.waitReplicas, r.waitTimeout)
+	}
+	return err
 }
 
 func (r *remote) keys(keys []string) []string {
@@ -168,6 +272,10 @@ type breaker struct {
 	failures  atomic.Int64
 	openUntil atomic.Int64 // UnixNano
 	cause     atomic.Pointer[error]
+
+	// onRecover, if set, is called when a call succeeds after failures
+	// (at least once after every failure, sometimes more).
+	onRecover func()
 }
 
 const (
@@ -189,9 +297,14 @@ func (b *breaker) allow() error {
 
 func (b *breaker) record(err error) {
 	if err == nil {
-		if b.failures.Load() != 0 {
-			b.failures.Store(0)
-			b.openUntil.Store(0)
+		if b.failures.Load() == 0 && b.openUntil.Load() == 0 {
+			return
+		}
+		// Swap both: a failure recorded concurrently leaves one of them set,
+		// so the next success recovers again.
+		f, u := b.failures.Swap(0), b.openUntil.Swap(0)
+		if (f != 0 || u != 0) && b.onRecover != nil {
+			b.onRecover()
 		}
 		return
 	}
