@@ -1,0 +1,579 @@
+package tiered
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/dgraph-io/ristretto/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// BenchmarkTiers measures every tier side by side, with one value (a
+// ~200-byte struct, benchValue, cached as *benchValue) and one key set
+// (benchKeys keys, read round-robin):
+//
+//	go test -bench Tiers -run '^$'                           # embedded miniredis
+//	REDIS_ADDR=127.0.0.1:6379 go test -bench Tiers -run '^$' # a real Redis
+//
+// Every sub-benchmark runs serially (serial/...) and under RunParallel
+// (parallel/...). Floors first, then the tiers, then the pairs:
+//
+//	ristretto-Get      raw ristretto Get, configured like our L1 (the L1 floor)
+//	redis-GET          raw go-redis GET of the value's JSON, not decoded
+//	redis-GET+decode   raw go-redis GET + json.Unmarshal (the L2 floor)
+//	db-load            the simulated database call alone (the loader floor)
+//	L1-Get             Cache.Get, L1 hit
+//	L1-GetOrLoad       Cache.GetOrLoad with a preallocated loader, L1 hit
+//	L1-Get-byvalue     L1-Get on a Cache[benchValue]: the 136-byte struct is
+//	                   copied out on every hit
+//	L2-Get             Cache.Get with the key dropped from L1 before each call
+//	                   (by the internal invalidate, whose cost is included)
+//	loader             Cache.GetOrLoad of a key no tier has: L1 miss, Redis
+//	                   miss, load, write-back (SET NX), L1 fill (on a Cache
+//	                   of its own, so that the fresh keys stay out of the
+//	                   L1 the other benchmarks read)
+//	zipf               GetOrLoad with Zipf(s=1.1) key popularity, an L1 that
+//	                   holds ~10% of the keys and every key in Redis
+//	pair-L1            L1-Get and ristretto-Get alternately, 1024 of each at a
+//	                   time; ns/op is per pair
+//	pair-L1-redis      1024 L1-Get, then 16 redis-GET, alternately (the L1
+//	                   hits run just after network I/O, with colder CPU
+//	                   caches than in pair-L1)
+//	pair-L2            L2-Get and redis-GET+decode alternately, 16 at a time
+//
+// Custom metrics:
+//
+//	x-ristretto          pair-L1: L1 hit time ÷ ristretto Get time (target ≤ 1.3)
+//	x-faster-than-redis  pair-L1-redis: redis GET time ÷ L1 hit time
+//	                     (target ≥ 500 on a real Redis)
+//	x-redis-get+decode   pair-L2: L2 hit time ÷ GET+decode time (target ≤ 1.1)
+//	ns/L1-hit, ns/ristretto-Get, ns/redis-GET, ns/L2-hit, ns/redis-GET+decode
+//	                     the pairs' sides: median time per op over the
+//	                     blocks (per goroutine under RunParallel)
+//	x-db-load            loader ns/op ÷ the fastest db-load ns/op of the run
+//	L1-hit-%, L2-read-%, loads/op
+//	                     zipf: share of reads L1 answered, Redis reads and
+//	                     loads per read (concurrent misses share one read)
+//
+// The pairs give the ratios: they alternate the two sides in short blocks,
+// so a change in machine load during the run hits both sides alike, and
+// compare median block times, so blocks that another process preempted do
+// not count; ratios of separate runs move with the load of a shared
+// machine. x-db-load compares with a floor that ran earlier, and is absent
+// if -bench filtered it out.
+//
+// The simulated database takes 1 ms, or TIERED_BENCH_DB_LATENCY (a Go
+// duration). miniredis answers over loopback TCP but in-process, without a
+// real server's work or a real network: its latencies are not Redis's. With
+// REDIS_ADDR, every key lives under a fresh namespace that is deleted at the
+// end (never FLUSHALL).
+func BenchmarkTiers(b *testing.B) {
+	env := newBenchEnv(b)
+	for _, mode := range []string{"serial", "parallel"} {
+		b.Run(mode, func(b *testing.B) {
+			for _, bm := range env.benchmarks() {
+				b.Run(bm.name, func(b *testing.B) {
+					b.ReportAllocs()
+					if bm.pair != nil {
+						bm.pair(b, mode)
+						return
+					}
+					bm.run(b, mode)
+					env.record(b, mode, bm)
+				})
+			}
+		})
+	}
+}
+
+const (
+	benchKeys  = 1024 // a power of two: keys are picked with i & (benchKeys-1)
+	benchZipfS = 1.1
+	benchZipfN = 1 << 16 // length of the precomputed Zipf key sequence
+)
+
+// benchValue is a realistic cached row: ~200 bytes of JSON, 136 bytes in
+// memory plus its strings.
+type benchValue struct {
+	ID        int64     `json:"id"`
+	Name      string    `json:"name"`
+	Email     string    `json:"email"`
+	Country   string    `json:"country"`
+	Tags      []string  `json:"tags"`
+	Score     float64   `json:"score"`
+	Active    bool      `json:"active"`
+	CreatedAt time.Time `json:"created_at"`
+	Plan      string    `json:"plan"`
+}
+
+func newBenchValue(i int) *benchValue {
+	return &benchValue{
+		ID:        int64(100000 + i),
+		Name:      fmt.Sprintf("User Number %05d", i),
+		Email:     fmt.Sprintf("user.number.%05d@example.com", i),
+		Country:   "NL",
+		Tags:      []string{"beta", "newsletter", "mobile"},
+		Score:     float64(i) * 1.25,
+		Active:    i%3 != 0,
+		CreatedAt: time.Date(2024, 3, 14, 15, 9, 26, 0, time.UTC),
+		Plan:      "professional-annual",
+	}
+}
+
+type benchEnv struct {
+	rdb       *redis.Client
+	dbLatency time.Duration
+
+	cache   *Cache[*benchValue]                   // L1 holds every key
+	loader  *Cache[*benchValue]                   // same namespace; fills its L1 with fresh keys
+	zipf    *Cache[*benchValue]                   // same namespace; L1 holds ~10% of the keys
+	byValue *Cache[benchValue]                    // own namespace
+	raw     *ristretto.Cache[string, *benchValue] // configured like our L1
+
+	keys    []string      // cache keys
+	rawKeys []string      // Redis keys of plain JSON copies, for the raw floors
+	values  []*benchValue // values[i] is stored under keys[i]
+	zipfSeq []uint16      // a fixed Zipf-distributed sequence of key indexes
+	loadSeq atomic.Uint64 // names the loader benchmark's fresh keys
+
+	mu     sync.Mutex
+	floors map[string]map[*testing.B]float64 // "mode/name" -> run -> ns/op
+}
+
+func newBenchEnv(b *testing.B) *benchEnv {
+	b.Helper()
+	env := &benchEnv{dbLatency: time.Millisecond, floors: make(map[string]map[*testing.B]float64)}
+	if s := os.Getenv("TIERED_BENCH_DB_LATENCY"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d < 0 {
+			b.Fatalf("TIERED_BENCH_DB_LATENCY=%q: want a non-negative Go duration such as 1ms", s)
+		}
+		env.dbLatency = d
+	}
+	useReal := os.Getenv("REDIS_ADDR") != ""
+	if useReal {
+		env.rdb = realRedis(b)
+	} else {
+		_, env.rdb = newMiniredis(b)
+	}
+	ns := uniqueNamespace(b)
+	if useReal {
+		b.Cleanup(func() {
+			deleteBenchNamespace(b, env.rdb, ns)
+			deleteBenchNamespace(b, env.rdb, ns+"-byvalue")
+		})
+	}
+	opts := Options{Namespace: ns, RemoteTTL: 10 * time.Minute}
+	env.cache = newTestCache[*benchValue](b, env.rdb, opts)
+	env.loader = newTestCache[*benchValue](b, env.rdb, opts)
+	env.byValue = newTestCache[benchValue](b, env.rdb, Options{Namespace: ns + "-byvalue", RemoteTTL: opts.RemoteTTL})
+	// Room for ~100 entries: an entry costs its JSON, its key and
+	// entryOverhead.
+	opts.LocalMaxBytes = 100 * (200 + 8 + entryOverhead)
+	env.zipf = newTestCache[*benchValue](b, env.rdb, opts)
+
+	raw, err := ristretto.NewCache(&ristretto.Config[string, *benchValue]{
+		NumCounters:        defaultLocalMaxBytes / 512 * 10,
+		MaxCost:            defaultLocalMaxBytes,
+		BufferItems:        64,
+		IgnoreInternalCost: true,
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(raw.Close)
+	env.raw = raw
+
+	ctx := context.Background()
+	pipe := env.rdb.Pipeline()
+	for i := range benchKeys {
+		k, v := fmt.Sprintf("key-%04d", i), newBenchValue(i)
+		env.keys, env.values = append(env.keys, k), append(env.values, v)
+		env.rawKeys = append(env.rawKeys, ns+":raw:"+k)
+		js, err := json.Marshal(v)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if i == 0 && (len(js) < 180 || len(js) > 240) {
+			b.Fatalf("benchValue is %d bytes of JSON, want ~200", len(js))
+		}
+		pipe.Set(ctx, env.rawKeys[i], js, opts.RemoteTTL)
+		if err := env.cache.Set(ctx, k, v); err != nil {
+			b.Fatal(err)
+		}
+		if err := env.byValue.Set(ctx, k, *v); err != nil {
+			b.Fatal(err)
+		}
+		raw.Set(k, v, int64(len(js)+len(k)))
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		b.Fatal(err)
+	}
+	raw.Wait()
+	for _, k := range env.keys {
+		if _, ok := raw.Get(k); !ok {
+			b.Fatalf("raw ristretto did not keep %s", k)
+		}
+	}
+
+	z := rand.NewZipf(rand.New(rand.NewPCG(1, 2)), benchZipfS, 1, benchKeys-1)
+	env.zipfSeq = make([]uint16, benchZipfN)
+	for i := range env.zipfSeq {
+		env.zipfSeq[i] = uint16(z.Uint64())
+	}
+	return env
+}
+
+// deleteBenchNamespace deletes every key of ns from a shared Redis.
+func deleteBenchNamespace(b *testing.B, rdb *redis.Client, ns string) {
+	ctx := context.Background()
+	iter := rdb.Scan(ctx, 0, ns+":*", 1000).Iterator()
+	var batch []string
+	for iter.Next(ctx) {
+		if batch = append(batch, iter.Val()); len(batch) == 1000 {
+			rdb.Unlink(ctx, batch...)
+			batch = batch[:0]
+		}
+	}
+	if len(batch) > 0 {
+		rdb.Unlink(ctx, batch...)
+	}
+	if err := iter.Err(); err != nil {
+		b.Logf("cleaning namespace %s: %v", ns, err)
+	}
+}
+
+// load is the simulated database: it waits dbLatency and returns a row.
+func (env *benchEnv) load(_ context.Context, key string) (*benchValue, error) {
+	if env.dbLatency > 0 {
+		time.Sleep(env.dbLatency)
+	}
+	return env.values[len(key)%benchKeys], nil
+}
+
+// warmL1 makes sure c's L1 holds every key, so that the next reads are hits.
+func warmL1[V any](b *testing.B, env *benchEnv, c *Cache[V]) {
+	b.Helper()
+	ctx := context.Background()
+	for _, k := range env.keys {
+		for try := 0; ; try++ {
+			if _, ok := c.local.get(k); ok {
+				break
+			}
+			if try == 100 {
+				b.Fatalf("L1 does not keep %s", k)
+			}
+			if _, err := c.Get(ctx, k); err != nil {
+				b.Fatal(err)
+			}
+			c.local.store.Wait()
+		}
+	}
+}
+
+// benchOp is one iteration of a benchmark; i picks the key.
+type benchOp func(ctx context.Context, i uint64) error
+
+// tierBenchmark is a sub-benchmark of BenchmarkTiers: either op (with optional
+// setup before timing and metrics after), or pair.
+type tierBenchmark struct {
+	name    string
+	op      benchOp
+	setup   func(b *testing.B)
+	metrics func(b *testing.B, mode string, ns float64)
+	pair    func(b *testing.B, mode string)
+}
+
+func (env *benchEnv) benchmarks() []tierBenchmark {
+	const mask = benchKeys - 1
+	c, load := env.cache, env.load // a method value, made once
+	ristrettoGet := func(_ context.Context, i uint64) error {
+		v, ok := env.raw.Get(env.keys[i&mask])
+		if !ok {
+			return ErrNotFound
+		}
+		return touchValue(v)
+	}
+	redisGetDecode := func(ctx context.Context, i uint64) error {
+		js, err := env.rdb.Get(ctx, env.rawKeys[i&mask]).Bytes()
+		if err != nil {
+			return err
+		}
+		var v benchValue
+		if err := json.Unmarshal(js, &v); err != nil {
+			return err
+		}
+		return touchValue(&v)
+	}
+	redisGet := func(ctx context.Context, i uint64) error {
+		return env.rdb.Get(ctx, env.rawKeys[i&mask]).Err()
+	}
+	l1Get := func(ctx context.Context, i uint64) error {
+		v, err := c.Get(ctx, env.keys[i&mask])
+		if err != nil {
+			return err
+		}
+		return touchValue(v)
+	}
+	l2Get := func(ctx context.Context, i uint64) error {
+		k := env.keys[i&mask]
+		c.local.invalidate(k)
+		v, err := c.Get(ctx, k)
+		if err != nil {
+			return err
+		}
+		return touchValue(v)
+	}
+	warmMain := func(b *testing.B) { warmL1(b, env, c) }
+	var zipfBefore Stats
+	return []tierBenchmark{
+		{name: "ristretto-Get", op: ristrettoGet},
+		{name: "redis-GET", op: redisGet},
+		{name: "redis-GET+decode", op: redisGetDecode},
+		{name: "db-load", op: func(ctx context.Context, i uint64) error {
+			v, err := load(ctx, env.keys[i&mask])
+			if err != nil {
+				return err
+			}
+			return touchValue(v)
+		}},
+		{name: "L1-Get", setup: warmMain, op: l1Get},
+		{name: "L1-GetOrLoad", setup: warmMain, op: func(ctx context.Context, i uint64) error {
+			v, err := c.GetOrLoad(ctx, env.keys[i&mask], load)
+			if err != nil {
+				return err
+			}
+			return touchValue(v)
+		}},
+		{name: "L1-Get-byvalue", setup: func(b *testing.B) { warmL1(b, env, env.byValue) }, op: func(ctx context.Context, i uint64) error {
+			v, err := env.byValue.Get(ctx, env.keys[i&mask])
+			if err != nil {
+				return err
+			}
+			return touchValue(&v)
+		}},
+		{name: "L2-Get", op: l2Get},
+		{name: "loader", op: func(ctx context.Context, _ uint64) error {
+			k := "load-" + strconv.FormatUint(env.loadSeq.Add(1), 10)
+			v, err := env.loader.GetOrLoad(ctx, k, load)
+			if err != nil {
+				return err
+			}
+			return touchValue(v)
+		}, metrics: env.ratio("x-db-load", "db-load", false)},
+		{name: "zipf", setup: func(*testing.B) { zipfBefore = env.zipf.Stats() }, op: func(ctx context.Context, i uint64) error {
+			v, err := env.zipf.GetOrLoad(ctx, env.keys[env.zipfSeq[i%benchZipfN]], load)
+			if err != nil {
+				return err
+			}
+			return touchValue(v)
+		}, metrics: func(b *testing.B, _ string, _ float64) {
+			s, n := env.zipf.Stats(), float64(b.N)
+			b.ReportMetric(100*float64(s.LocalHits-zipfBefore.LocalHits)/n, "L1-hit-%")
+			b.ReportMetric(100*float64(s.RemoteHits+s.RemoteMisses-zipfBefore.RemoteHits-zipfBefore.RemoteMisses)/n, "L2-read-%")
+			b.ReportMetric(float64(s.Loads-zipfBefore.Loads)/n, "loads/op")
+		}},
+		{name: "pair-L1", pair: func(b *testing.B, mode string) {
+			warmMain(b)
+			runBenchPair(b, mode, benchPair{tier: l1Get, tierName: "L1-hit", tierBlock: 1024,
+				floor: ristrettoGet, floorName: "ristretto-Get", floorBlock: 1024, unit: "x-ristretto"})
+		}},
+		{name: "pair-L1-redis", pair: func(b *testing.B, mode string) {
+			warmMain(b)
+			runBenchPair(b, mode, benchPair{tier: l1Get, tierName: "L1-hit", tierBlock: 1024,
+				floor: redisGet, floorName: "redis-GET", floorBlock: 16, unit: "x-faster-than-redis", inverse: true})
+		}},
+		{name: "pair-L2", pair: func(b *testing.B, mode string) {
+			runBenchPair(b, mode, benchPair{tier: l2Get, tierName: "L2-hit", tierBlock: 16,
+				floor: redisGetDecode, floorName: "redis-GET+decode", floorBlock: 16, unit: "x-redis-get+decode"})
+		}},
+	}
+}
+
+// touchValue reads the value so that the compiler cannot drop the read, without
+// writing shared memory (which would make parallel runs contend).
+func touchValue(v *benchValue) error {
+	if v == nil || v.ID == 0 {
+		return fmt.Errorf("empty value")
+	}
+	return nil
+}
+
+func (bm tierBenchmark) run(b *testing.B, mode string) {
+	ctx := context.Background()
+	if bm.setup != nil {
+		bm.setup(b)
+	}
+	if mode == "serial" {
+		i := rand.Uint64()
+		for b.Loop() {
+			if err := bm.op(ctx, i); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+		return
+	}
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := rand.Uint64()
+		for pb.Next() {
+			if err := bm.op(ctx, i); err != nil {
+				b.Error(err)
+				return
+			}
+			i++
+		}
+	})
+}
+
+// benchPair compares a tier with its floor.
+type benchPair struct {
+	tier, floor           benchOp
+	tierName, floorName   string
+	tierBlock, floorBlock int    // ops of each side in a row
+	unit                  string // of the ratio: tier ÷ floor, or floor ÷ tier if inverse
+	inverse               bool
+}
+
+// runBenchPair runs p's tier and floor alternately, a block of each at a time
+// (in each goroutine, under RunParallel), and times every block. It
+// reports each side's median block time per op and the ratio of the two
+// medians. An iteration of the benchmark is one op of the tier, plus
+// floorBlock/tierBlock ops of the floor, so ns/op is of such a mix.
+//
+// Alternating in short blocks exposes both sides to the same machine load,
+// and the medians drop the blocks that another process preempted; a ratio
+// of separate runs, or of sums, moves with the load of a shared machine.
+func runBenchPair(b *testing.B, mode string, p benchPair) {
+	ctx := context.Background()
+	var mu sync.Mutex
+	var tierNs, floorNs []float64 // per-op time of each block
+	blocks := func(i uint64, n int, tierS, floorS *[]float64) error {
+		nf := max(1, n*p.floorBlock/p.tierBlock)
+		t0 := time.Now()
+		for j := range nf {
+			if err := p.floor(ctx, i+uint64(j)); err != nil {
+				return err
+			}
+		}
+		t1 := time.Now()
+		for j := range n {
+			if err := p.tier(ctx, i+uint64(j)); err != nil {
+				return err
+			}
+		}
+		t2 := time.Now()
+		*floorS = append(*floorS, float64(t1.Sub(t0))/float64(nf))
+		*tierS = append(*tierS, float64(t2.Sub(t1))/float64(n))
+		return nil
+	}
+	merge := func(t, f []float64) {
+		mu.Lock()
+		tierNs, floorNs = append(tierNs, t...), append(floorNs, f...)
+		mu.Unlock()
+	}
+	b.ResetTimer()
+	if mode == "serial" {
+		var t, f []float64
+		i := rand.Uint64()
+		for done := 0; done < b.N; done += p.tierBlock {
+			n := min(p.tierBlock, b.N-done)
+			if err := blocks(i, n, &t, &f); err != nil {
+				b.Fatal(err)
+			}
+			i += uint64(n)
+		}
+		merge(t, f)
+	} else {
+		b.RunParallel(func(pb *testing.PB) {
+			var t, f []float64
+			defer func() { merge(t, f) }()
+			i, n := rand.Uint64(), 0
+			for pb.Next() {
+				if n++; n == p.tierBlock {
+					if err := blocks(i, n, &t, &f); err != nil {
+						b.Error(err)
+						return
+					}
+					i, n = i+uint64(n), 0
+				}
+			}
+			if n > 0 {
+				if err := blocks(i, n, &t, &f); err != nil {
+					b.Error(err)
+				}
+			}
+		})
+	}
+	b.StopTimer()
+	if len(tierNs) == 0 {
+		return
+	}
+	tm, fm := medianOf(tierNs), medianOf(floorNs)
+	b.ReportMetric(tm, "ns/"+p.tierName)
+	b.ReportMetric(fm, "ns/"+p.floorName)
+	switch {
+	case tm == 0 || fm == 0:
+	case p.inverse:
+		b.ReportMetric(fm/tm, p.unit)
+	default:
+		b.ReportMetric(tm/fm, p.unit)
+	}
+}
+
+func medianOf(xs []float64) float64 {
+	slices.Sort(xs)
+	return xs[len(xs)/2]
+}
+
+// record keeps this run's ns/op (for later benchmarks to compare with) and
+// reports the benchmark's custom metrics.
+func (env *benchEnv) record(b *testing.B, mode string, bm tierBenchmark) {
+	if b.N == 0 {
+		return
+	}
+	ns := float64(b.Elapsed().Nanoseconds()) / float64(b.N)
+	env.mu.Lock()
+	runs := env.floors[mode+"/"+bm.name]
+	if runs == nil {
+		runs = make(map[*testing.B]float64)
+		env.floors[mode+"/"+bm.name] = runs
+	}
+	runs[b] = ns // the last round of a run overwrites the earlier ones
+	env.mu.Unlock()
+	if bm.metrics != nil {
+		bm.metrics(b, mode, ns)
+	}
+}
+
+// ratio returns a metrics func that reports, as unit, ns/op ÷ the fastest
+// run of floor in the same mode, or its inverse.
+func (env *benchEnv) ratio(unit, floor string, inverse bool) func(b *testing.B, mode string, ns float64) {
+	return func(b *testing.B, mode string, ns float64) {
+		env.mu.Lock()
+		best := 0.0
+		for _, f := range env.floors[mode+"/"+floor] {
+			if best == 0 || f < best {
+				best = f
+			}
+		}
+		env.mu.Unlock()
+		switch {
+		case best == 0 || ns == 0:
+		case inverse:
+			b.ReportMetric(best/ns, unit)
+		default:
+			b.ReportMetric(ns/best, unit)
+		}
+	}
+}

@@ -1,0 +1,94 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"time"
+)
+
+// config is what the flags ask for.
+type config struct {
+	instances  int
+	goroutines int
+	keys       int
+	zipf       float64 // 0: uniform
+	reads      int     // relative weight of reads
+	writes     int     // relative weight of writes
+	rate       int     // target operations per second, all goroutines together; 0: as fast as possible
+	dbLatency  time.Duration
+	localTTL   time.Duration
+	remoteTTL  time.Duration
+	duration   time.Duration
+	redis      string // "" means an embedded miniredis
+	json       bool
+	svg        string
+}
+
+// parseFlags parses args. On a bad flag it writes the problem and the
+// usage to stderr and returns an error; for -h it returns flag.ErrHelp.
+func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("tierbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.IntVar(&c.instances, "instances", 3, "cache instances, each with its own Redis client (at least 2)")
+	fs.IntVar(&c.goroutines, "goroutines", 32, "goroutines driving the workload, spread over the instances")
+	fs.IntVar(&c.keys, "keys", 10000, "number of distinct keys")
+	fs.Float64Var(&c.zipf, "zipf", 1.1, "Zipf skew s of key popularity (> 1; larger is more skewed), or 0 for uniform")
+	fs.IntVar(&c.reads, "reads", 99, "relative weight of reads (GetOrLoad)")
+	fs.IntVar(&c.writes, "writes", 1, "relative weight of writes (Set of a new version)")
+	fs.IntVar(&c.rate, "rate", 20000, "target operations per second, all goroutines together; 0: as fast as they go\n"+
+		"(then latencies include Go's delay in polling the network, up to 10 ms, of a process with every CPU busy)")
+	fs.DurationVar(&c.dbLatency, "db-latency", time.Millisecond, "simulated database latency of a load")
+	fs.DurationVar(&c.localTTL, "local-ttl", time.Second, "L1 TTL (Options.LocalTTL); short, so that a short run shows every tier")
+	fs.DurationVar(&c.remoteTTL, "remote-ttl", 3*time.Second, "Redis TTL (Options.RemoteTTL); keys expire and are loaded again")
+	fs.DurationVar(&c.duration, "duration", 5*time.Second, "how long to run")
+	fs.StringVar(&c.redis, "redis", getenv("REDIS_ADDR"), "address of a real Redis (default $REDIS_ADDR; empty: embedded miniredis)")
+	fs.BoolVar(&c.json, "json", false, "write the results as JSON instead of a table")
+	fs.StringVar(&c.svg, "svg", "", "also draw the latency per tier as an SVG chart in this file")
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), "usage: tierbench [flags]\n\n"+
+			"Runs a read/write workload on several tiered cache instances sharing one Redis\n"+
+			"and prints throughput, hit ratio and latency per tier, loader savings,\n"+
+			"invalidation latency and stale reads.\n\nflags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return c, err // the flag package has printed the problem and the usage
+	}
+	if err := c.validate(fs.Args()); err != nil {
+		fmt.Fprintf(stderr, "tierbench: %v\n\n", err)
+		fs.Usage()
+		return c, err
+	}
+	return c, nil
+}
+
+func (c config) validate(rest []string) error {
+	switch {
+	case len(rest) > 0:
+		return fmt.Errorf("unexpected argument %q (all settings are flags)", rest[0])
+	case c.instances < 2:
+		return errors.New("-instances must be at least 2: invalidation is measured between instances")
+	case c.goroutines < 1:
+		return errors.New("-goroutines must be at least 1")
+	case c.keys < 1:
+		return errors.New("-keys must be at least 1")
+	case c.zipf != 0 && !(c.zipf > 1):
+		return fmt.Errorf("-zipf must be greater than 1, or 0 for uniform; got %v", c.zipf)
+	case c.reads < 0 || c.writes < 0:
+		return errors.New("-reads and -writes must not be negative")
+	case c.reads+c.writes == 0:
+		return errors.New("-reads and -writes cannot both be 0")
+	case c.rate < 0:
+		return errors.New("-rate must not be negative (0: as fast as possible)")
+	case c.dbLatency < 0:
+		return errors.New("-db-latency must not be negative")
+	case c.localTTL <= 0 || c.remoteTTL <= 0:
+		return errors.New("-local-ttl and -remote-ttl must be positive")
+	case c.duration <= 0:
+		return errors.New("-duration must be positive")
+	}
+	return nil
+}

@@ -1,0 +1,77 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/tieredcache/tiered"
+)
+
+// instances are the caches under test: as in a fleet of processes, each
+// has its own Redis client (so its own connections and subscription).
+type instances struct {
+	caches  []*tiered.Cache[*item]
+	clients []*redis.Client
+}
+
+// startInstances creates n caches with opts, each on a new client of be.
+// On error, the ones created are closed.
+func startInstances(be *backend, n int, opts tiered.Options) (*instances, error) {
+	in := &instances{}
+	for range n {
+		rdb := be.client()
+		in.clients = append(in.clients, rdb)
+		opts.Redis = rdb
+		c, err := tiered.New[*item](opts)
+		if err != nil {
+			in.close()
+			return nil, err
+		}
+		in.caches = append(in.caches, c)
+	}
+	return in, nil
+}
+
+// close closes the caches, then their clients (Close leaves the client
+// open, and uses it until then).
+func (in *instances) close() {
+	for _, c := range in.caches {
+		_ = c.Close()
+	}
+	for _, rdb := range in.clients {
+		_ = rdb.Close()
+	}
+}
+
+// waitReady waits until every instance serves reads from its L1, which it
+// does once its invalidation subscription is confirmed.
+func (in *instances) waitReady(ctx context.Context) error {
+	deadline := time.Now().Add(15 * time.Second)
+	for i, c := range in.caches {
+		key := fmt.Sprintf("ready-%d", i)
+		if err := c.Set(ctx, key, &item{Key: key, Version: 1}); err != nil {
+			return fmt.Errorf("instance %d cannot write to redis: %w", i, err)
+		}
+		for !servesFromL1(ctx, c, key, 1) {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("instance %d does not serve from L1: its invalidation subscription never became healthy", i)
+			}
+		}
+		_ = c.Delete(ctx, key)
+	}
+	return nil
+}
+
+// shared sums the instances' Stats.Shared.
+func (in *instances) shared() uint64 {
+	var n uint64
+	for _, c := range in.caches {
+		n += c.Stats().Shared
+	}
+	return n
+}

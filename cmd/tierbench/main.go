@@ -1,0 +1,77 @@
+// Command tierbench shows a tiered cache at work: it starts several cache
+// instances in one process, each with its own Redis client, sharing one
+// Redis (an embedded miniredis unless -redis or REDIS_ADDR names a real
+// one), drives a read/write workload against them, and prints what
+// happened: throughput, where reads were answered (L1, L2 or the loader)
+// and how fast, how much the loader was spared, how fast a write reaches
+// the other instances, and whether any read was stale beyond the stated
+// bound.
+//
+//	go run ./cmd/tierbench
+//	go run ./cmd/tierbench -redis 127.0.0.1:6379 -duration 10s -svg latency.svg
+//
+// Progress goes to stderr once a second; the results table (or, with
+// -json, the same results as JSON) to stdout. Ctrl-C stops the run early
+// and prints the results so far (exit status 130). Bad flags exit with
+// status 2.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	go func() {
+		// After the first Ctrl-C, a second one kills the process as usual.
+		<-ctx.Done()
+		stop()
+	}()
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr, os.Getenv)
+	stop()
+	os.Exit(code)
+}
+
+// run is the whole program; it returns the exit status. Cancelling ctx
+// ends the run early, as Ctrl-C does.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) int {
+	cfg, err := parseFlags(args, stderr, getenv)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		return 2
+	}
+	res, err := runBench(ctx, cfg, stderr)
+	if err != nil && ctx.Err() != nil {
+		fmt.Fprintln(stderr, "tierbench: interrupted before the workload started")
+		return 130
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "tierbench: %v\n", err)
+		return 1
+	}
+	if cfg.json {
+		err = writeJSON(stdout, res)
+	} else {
+		err = writeTable(stdout, res)
+	}
+	if err == nil && cfg.svg != "" {
+		err = writeSVGFile(cfg.svg, res)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "tierbench: %v\n", err)
+		return 1
+	}
+	if res.Interrupted {
+		return 130
+	}
+	return 0
+}

@@ -1,0 +1,149 @@
+package main
+
+import (
+	"encoding/json"
+	"io"
+	"runtime"
+	"time"
+)
+
+// results is what a run measured. The table and the JSON show the same.
+type results struct {
+	cfg         config
+	Config      jsonConfig `json:"config"`
+	Redis       string     `json:"redis"`
+	Machine     machine    `json:"machine"`
+	Seconds     float64    `json:"elapsed_seconds"`
+	Interrupted bool       `json:"interrupted"`
+
+	Ops       uint64  `json:"ops"`
+	OpsPerSec float64 `json:"ops_per_second"`
+	Reads     uint64  `json:"reads"`
+	Errors    uint64  `json:"errors"`
+
+	// Tiers holds, in order, reads answered by L1, by L2 (Redis) and by
+	// the loader, then writes.
+	Tiers        []tierResult       `json:"tiers"`
+	Loader       loaderResult       `json:"loader"`
+	Invalidation invalidationResult `json:"invalidation"`
+	Stale        staleResult        `json:"stale_reads"`
+}
+
+type jsonConfig struct {
+	Instances    int     `json:"instances"`
+	Goroutines   int     `json:"goroutines"`
+	Keys         int     `json:"keys"`
+	Zipf         float64 `json:"zipf"`
+	Reads        int     `json:"reads_weight"`
+	Writes       int     `json:"writes_weight"`
+	Rate         int     `json:"target_ops_per_second"`
+	DBLatencyUs  float64 `json:"db_latency_us"`
+	LocalTTLSec  float64 `json:"local_ttl_seconds"`
+	RemoteTTLSec float64 `json:"remote_ttl_seconds"`
+	DurationSec  float64 `json:"duration_seconds"`
+}
+
+type machine struct {
+	OS        string `json:"os"`
+	Arch      string `json:"arch"`
+	CPUs      int    `json:"cpus"`
+	GoVersion string `json:"go_version"`
+}
+
+type tierResult struct {
+	Name string `json:"name"`
+	// Count is the number of reads the tier answered (or of writes).
+	Count uint64 `json:"count"`
+	// SharePct is Count as a share of all reads (0 for writes).
+	SharePct float64 `json:"share_of_reads_pct"`
+	P50us    float64 `json:"p50_us"`
+	P99us    float64 `json:"p99_us"`
+	P999us   float64 `json:"p999_us"`
+	MaxUs    float64 `json:"max_us"`
+}
+
+// loaderResult shows the stampede protection at work: reads answered by a
+// load, against loader calls made.
+type loaderResult struct {
+	Calls    uint64 `json:"calls"`
+	Requests uint64 `json:"reads_answered_by_a_load"`
+	// SharedFlights is the instances' Stats.Shared: L1 misses that got the
+	// result of a Redis read or load another caller had started.
+	SharedFlights uint64 `json:"misses_that_shared_a_fill"`
+}
+
+type invalidationResult struct {
+	Samples uint64  `json:"samples"`
+	Lost    uint64  `json:"lost"`
+	Skipped uint64  `json:"skipped"`
+	P50us   float64 `json:"p50_us"`
+	P99us   float64 `json:"p99_us"`
+	MaxUs   float64 `json:"max_us"`
+}
+
+type staleResult struct {
+	BoundMs float64 `json:"bound_ms"`
+	// Within counts reads that got an older version than a write that
+	// returned before they started, but less than the bound before.
+	Within uint64 `json:"within_bound"`
+	// Beyond counts the ones more than the bound before. Must be 0.
+	Beyond uint64 `json:"beyond_bound"`
+}
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// collect merges the workers' and the prober's measurements. The workers
+// must have stopped.
+func collect(cfg config, redisName string, elapsed time.Duration, interrupted bool,
+	workers []*worker, pr *prober, d *db, shared uint64) *results {
+	r := &results{
+		cfg: cfg,
+		Config: jsonConfig{
+			Instances: cfg.instances, Goroutines: cfg.goroutines, Keys: cfg.keys, Zipf: cfg.zipf,
+			Reads: cfg.reads, Writes: cfg.writes, Rate: cfg.rate, DBLatencyUs: us(cfg.dbLatency),
+			LocalTTLSec: cfg.localTTL.Seconds(), RemoteTTLSec: cfg.remoteTTL.Seconds(), DurationSec: cfg.duration.Seconds(),
+		},
+		Redis:       redisName,
+		Machine:     machine{OS: runtime.GOOS, Arch: runtime.GOARCH, CPUs: runtime.NumCPU(), GoVersion: runtime.Version()},
+		Seconds:     elapsed.Seconds(),
+		Interrupted: interrupted,
+		Stale:       staleResult{BoundMs: float64(staleBound) / float64(time.Millisecond)},
+	}
+	var hists [kinds]histogram
+	for _, w := range workers {
+		for k := range hists {
+			hists[k].merge(&w.hist[k])
+		}
+		r.Errors += w.errors.Load()
+		stale, beyond := w.stale.Load(), w.beyond.Load()
+		r.Stale.Within += stale - beyond
+		r.Stale.Beyond += beyond
+	}
+	for k := range hists {
+		r.Ops += hists[k].n
+		if kind(k) != writeOp {
+			r.Reads += hists[k].n
+		}
+	}
+	r.OpsPerSec = float64(r.Ops) / max(elapsed.Seconds(), 1e-9)
+	for k := range hists {
+		h := &hists[k]
+		t := tierResult{Name: kindNames[k], Count: h.n,
+			P50us: us(h.quantile(0.5)), P99us: us(h.quantile(0.99)), P999us: us(h.quantile(0.999)), MaxUs: us(time.Duration(h.max))}
+		if kind(k) != writeOp && r.Reads > 0 {
+			t.SharePct = 100 * float64(h.n) / float64(r.Reads)
+		}
+		r.Tiers = append(r.Tiers, t)
+	}
+	r.Loader = loaderResult{Calls: d.loads.Load(), Requests: hists[readLoader].n, SharedFlights: shared}
+	inv := pr.snapshot()
+	r.Invalidation = invalidationResult{Samples: inv.n, Lost: pr.lost.Load(), Skipped: pr.skipped.Load(),
+		P50us: us(inv.quantile(0.5)), P99us: us(inv.quantile(0.99)), MaxUs: us(time.Duration(inv.max))}
+	return r
+}
+
+func writeJSON(w io.Writer, r *results) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}

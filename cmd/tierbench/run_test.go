@@ -1,0 +1,172 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"encoding/xml"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// A short run on the embedded miniredis, as a user would start it.
+func TestRunPrintsTableAndChart(t *testing.T) {
+	svg := filepath.Join(t.TempDir(), "latency.svg")
+	var stdout, stderr bytes.Buffer
+	args := []string{"-duration", "2s", "-keys", "200", "-goroutines", "4", "-writes", "5", "-svg", svg}
+	if code := run(context.Background(), args, &stdout, &stderr, noEnv); code != 0 {
+		t.Fatalf("exit %d\nstderr:\n%s", code, stderr.String())
+	}
+	out := stdout.String()
+	for _, want := range []string{"throughput", "L1 hit", "L2 hit", "loader hit", "writes", "p99.9",
+		"invalidation", "stale reads   0 beyond the bound"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	if !strings.Contains(stderr.String(), "[  1s]") {
+		t.Errorf("no progress line on stderr:\n%s", stderr.String())
+	}
+	f, err := os.Open(svg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dec := xml.NewDecoder(f)
+	var rects int
+	for {
+		tok, err := dec.Token()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("chart is not well-formed XML: %v", err)
+		}
+		if se, ok := tok.(xml.StartElement); ok && se.Name.Local == "rect" {
+			rects++
+		}
+	}
+	if rects < 10 {
+		t.Errorf("chart has %d rects, want a background, a legend and bars", rects)
+	}
+}
+
+func TestRunJSON(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	args := []string{"-duration", "1500ms", "-keys", "100", "-goroutines", "3", "-writes", "5", "-json"}
+	if code := run(context.Background(), args, &stdout, &stderr, noEnv); code != 0 {
+		t.Fatalf("exit %d\nstderr:\n%s", code, stderr.String())
+	}
+	var r results
+	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
+		t.Fatalf("stdout is not JSON: %v\n%s", err, stdout.String())
+	}
+	checkSane(t, &r)
+	if r.Interrupted {
+		t.Error("interrupted")
+	}
+}
+
+// Cancelling the context (what Ctrl-C does) ends the run early with the
+// results so far, and exit status 130.
+func TestInterruptPrintsPartialResults(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var stdout bytes.Buffer
+	var stderr lockedBuffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"-duration", "1m", "-keys", "100", "-goroutines", "2", "-json"}, &stdout, &stderr, noEnv)
+	}()
+	// Interrupt once the workload has run for a second.
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(stderr.String(), "[  1s]"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("no progress line after 30s:\n%s", stderr.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	var code int
+	select {
+	case code = <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("run did not stop after cancellation")
+	}
+	if code != 130 {
+		t.Fatalf("exit %d, want 130\nstderr:\n%s", code, stderr.String())
+	}
+	var r results
+	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
+		t.Fatalf("stdout is not JSON: %v\n%s", err, stdout.String())
+	}
+	if !r.Interrupted || r.Seconds > 30 {
+		t.Errorf("interrupted %v after %.1fs", r.Interrupted, r.Seconds)
+	}
+	checkSane(t, &r)
+	if !strings.Contains(stderr.String(), "interrupted after") {
+		t.Errorf("stderr does not say it was interrupted:\n%s", stderr.String())
+	}
+}
+
+// With REDIS_ADDR set (as in CI), a short run against the real Redis.
+func TestRunRealRedis(t *testing.T) {
+	addr := os.Getenv("REDIS_ADDR")
+	if addr == "" {
+		t.Skip("REDIS_ADDR is not set")
+	}
+	var stdout, stderr bytes.Buffer
+	args := []string{"-redis", addr, "-duration", "1500ms", "-keys", "100", "-goroutines", "3", "-writes", "5", "-json"}
+	if code := run(context.Background(), args, &stdout, &stderr, noEnv); code != 0 {
+		t.Fatalf("exit %d\nstderr:\n%s", code, stderr.String())
+	}
+	var r results
+	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
+		t.Fatal(err)
+	}
+	checkSane(t, &r)
+}
+
+func checkSane(t *testing.T, r *results) {
+	t.Helper()
+	if len(r.Tiers) != int(kinds) {
+		t.Fatalf("%d tiers, want %d", len(r.Tiers), kinds)
+	}
+	if r.Reads == 0 || r.Tiers[readL1].Count == 0 || r.Tiers[writeOp].Count == 0 {
+		t.Errorf("reads %d, L1 hits %d, writes %d: want some of each", r.Reads, r.Tiers[readL1].Count, r.Tiers[writeOp].Count)
+	}
+	if r.Loader.Calls == 0 {
+		t.Error("no loader calls, though every key starts cold")
+	}
+	if r.Errors != 0 {
+		t.Errorf("%d errors", r.Errors)
+	}
+	if r.Stale.Beyond != 0 {
+		t.Errorf("%d reads stale beyond the bound", r.Stale.Beyond)
+	}
+	if r.Invalidation.Samples == 0 || r.Invalidation.Lost != 0 {
+		t.Errorf("invalidation: %d samples, %d lost", r.Invalidation.Samples, r.Invalidation.Lost)
+	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for one writer and concurrent readers.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
