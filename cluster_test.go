@@ -1111,7 +1111,7 @@ func TestWaitReplicasStandalone(t *testing.T) {
 	})
 	rdb := redis.NewClient(&redis.Options{Addr: master.Addr})
 	t.Cleanup(func() { _ = rdb.Close() })
-	c := newTestCache[string](t, rdb, Options{WaitReplicas: 1, WaitTimeout: 200 * time.Millisecond})
+	c := newTestCache[string](t, rdb, Options{WaitReplicas: 1, WaitTimeout: 2 * time.Second})
 
 	for i := range 50 {
 		k := "k" + strconv.Itoa(i)

@@ -380,8 +380,12 @@ func (s *subscriber) handle(msg any) {
 			return
 		}
 		if m.Channel == s.hbChannel {
-			// A (re)subscription: ask for a heartbeat now rather than at the
-			// next tick, so L1 is back in use within a round trip.
+			// A (re)subscription. go-redis may have replaced the connection
+			// without returning an error (e.g. a maintenance handoff), losing
+			// what the old one had not delivered: count it as a gap (a no-op
+			// if one was already noticed). Then ask for a heartbeat now rather
+			// than at the next tick, so L1 is back in use within a round trip.
+			s.gap("resubscribed", nil)
 			select {
 			case s.kick <- struct{}{}:
 			default:
