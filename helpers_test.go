@@ -172,3 +172,18 @@ func freePort(t testing.TB) int {
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
 }
+
+// processHook is a go-redis hook running process around every command.
+type processHook struct {
+	process func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error
+}
+
+func (h processHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h processHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { return h.process(ctx, cmd, next) }
+}
+
+func (h processHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}

@@ -241,7 +241,7 @@ type blockNextGet struct {
 
 func holdNextGet(rdb *redis.Client) *blockNextGet {
 	b := &blockNextGet{got: make(chan struct{}), release: make(chan struct{})}
-	rdb.AddHook(invHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
+	rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
 		err := next(ctx, cmd)
 		if cmd.Name() == "get" && b.armed.CompareAndSwap(true, false) {
 			close(b.got)
@@ -250,20 +250,6 @@ func holdNextGet(rdb *redis.Client) *blockNextGet {
 		return err
 	}})
 	return b
-}
-
-type invHook struct {
-	process func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error
-}
-
-func (h invHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (h invHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error { return h.process(ctx, cmd, next) }
-}
-
-func (h invHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 // flushL1Buffer makes ristretto apply the Sets it has buffered, so that a
@@ -310,24 +296,12 @@ func TestLoadRacingAnotherInstancesSetIsNotServedFromL1(t *testing.T) {
 	ctx := context.Background()
 	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
 	a, b := cs[0], cs[1]
-	loading, release := make(chan struct{}), make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_, _ = b.GetOrLoad(ctx, "k", func(context.Context, string) (string, error) {
-			close(loading)
-			<-release
-			return "loaded before the Set", nil
-		})
-	}()
-	<-loading
+	finish := startHeldLoad(b, "k", "loaded before the Set")
 	if err := a.Set(ctx, "k", "set"); err != nil {
 		t.Fatal(err)
 	}
 	awaitReceived(t, b, 1)
-	close(release)
-	<-done
-	flushL1Buffer(b)
+	finish()
 
 	mustGet(t, b, "k", "set")
 	mustHoldInL1(t, b, "k", "set")
@@ -341,24 +315,12 @@ func TestLoadRacingAnotherInstancesDeleteIsNotServedFromL1(t *testing.T) {
 	ctx := context.Background()
 	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
 	a, b := cs[0], cs[1]
-	loading, release := make(chan struct{}), make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_, _ = b.GetOrLoad(ctx, "k", func(context.Context, string) (string, error) {
-			close(loading)
-			<-release
-			return "loaded before the Delete", nil
-		})
-	}()
-	<-loading
+	finish := startHeldLoad(b, "k", "loaded before the Delete")
 	if err := a.Delete(ctx, "k"); err != nil {
 		t.Fatal(err)
 	}
 	awaitReceived(t, b, 1)
-	close(release)
-	<-done
-	flushL1Buffer(b)
+	finish()
 
 	before := b.Stats()
 	v, fromL1, err := getWithSource(b, "k")
@@ -439,5 +401,27 @@ func TestFillAcrossASubscriptionGapIsNotServedAfterHeal(t *testing.T) {
 			}
 			mustHoldInL1(t, b, "k", "new") // and L1 is in use again
 		})
+	}
+}
+
+// startHeldLoad starts a GetOrLoad of key on c whose loader has begun and is
+// held until finish is called; finish returns once the GetOrLoad returned
+// and L1 has applied whatever it stored.
+func startHeldLoad(c *Cache[string], key, value string) (finish func()) {
+	loading, release := make(chan struct{}), make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = c.GetOrLoad(context.Background(), key, func(context.Context, string) (string, error) {
+			close(loading)
+			<-release
+			return value, nil
+		})
+	}()
+	<-loading
+	return func() {
+		close(release)
+		<-done
+		flushL1Buffer(c)
 	}
 }

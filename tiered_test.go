@@ -144,25 +144,10 @@ func (c *coreCountingCodec) Unmarshal(b []byte, v any) error {
 	return json.Unmarshal(b, v)
 }
 
-// coreHook is a go-redis hook running process around every command.
-type coreHook struct {
-	process func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error
-}
-
-func (h coreHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (h coreHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error { return h.process(ctx, cmd, next) }
-}
-
-func (h coreHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
-
 // coreCountGets makes rdb count the GET commands it sends.
 func coreCountGets(rdb *redis.Client) *atomic.Int64 {
 	var n atomic.Int64
-	rdb.AddHook(coreHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
+	rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
 		if cmd.Name() == "get" {
 			n.Add(1)
 		}
@@ -420,7 +405,7 @@ func TestRedisReadRacingSetDoesNotOverwriteTheNewerValue(t *testing.T) {
 	mr, rdb := newMiniredis(t)
 	read, release := make(chan struct{}), make(chan struct{})
 	var block atomic.Bool
-	rdb.AddHook(coreHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
+	rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
 		err := next(ctx, cmd)
 		if cmd.Name() == "get" && block.CompareAndSwap(true, false) {
 			close(read) // the reply (the old value) is in; hold it
@@ -1166,7 +1151,7 @@ func TestContextCancelledDuringRedisCallIsNotARedisError(t *testing.T) {
 	// Commands whose context carries coreBlockKey behave like a Redis that
 	// does not answer: they wait for the context.
 	entered := make(chan string, 1)
-	rdb.AddHook(coreHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
+	rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
 		if ctx.Value(coreBlockKey{}) != nil {
 			entered <- cmd.Name()
 			<-ctx.Done()
