@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -19,7 +20,8 @@ import (
 
 // BenchmarkTiers measures every tier side by side, with one value (a
 // ~200-byte struct, benchValue, cached as *benchValue) and one key set
-// (benchKeys keys, read round-robin):
+// (benchKeys keys, read round-robin, through copies of the key strings
+// that filled the caches, as a service builds its keys per request):
 //
 //	go test -bench Tiers -run '^$'                           # embedded miniredis
 //	REDIS_ADDR=127.0.0.1:6379 go test -bench Tiers -run '^$' # a real Redis
@@ -27,7 +29,9 @@ import (
 // Every sub-benchmark runs serially (serial/...) and under RunParallel
 // (parallel/...). Floors first, then the tiers, then the pairs:
 //
-//	ristretto-Get      raw ristretto Get, configured like our L1 (the L1 floor)
+//	ristretto-Get      raw ristretto Get of a string key, sized like our L1,
+//	                   with ristretto's default key hashing (the L1 floor:
+//	                   what a service using ristretto directly pays)
 //	redis-GET          raw go-redis GET of the value's JSON, not decoded
 //	redis-GET+decode   raw go-redis GET + json.Unmarshal (the L2 floor)
 //	db-load            the simulated database call alone (the loader floor)
@@ -137,13 +141,14 @@ type benchEnv struct {
 	loader  *Cache[*benchValue]                   // same namespace; fills its L1 with fresh keys
 	zipf    *Cache[*benchValue]                   // same namespace; L1 holds ~10% of the keys
 	byValue *Cache[benchValue]                    // own namespace
-	raw     *ristretto.Cache[string, *benchValue] // configured like our L1
+	raw     *ristretto.Cache[string, *benchValue] // sized like our L1
 
-	keys    []string      // cache keys
-	rawKeys []string      // Redis keys of plain JSON copies, for the raw floors
-	values  []*benchValue // values[i] is stored under keys[i]
-	zipfSeq []uint16      // a fixed Zipf-distributed sequence of key indexes
-	loadSeq atomic.Uint64 // names the loader benchmark's fresh keys
+	keys     []string      // cache keys, as filled
+	readKeys []string      // copies of keys, as read (see readKeys in newBenchEnv)
+	rawKeys  []string      // Redis keys of plain JSON copies, for the raw floors
+	values   []*benchValue // values[i] is stored under keys[i]
+	zipfSeq  []uint16      // a fixed Zipf-distributed sequence of key indexes
+	loadSeq  atomic.Uint64 // names the loader benchmark's fresh keys
 
 	mu     sync.Mutex
 	floors map[string]map[*testing.B]float64 // "mode/name" -> run -> ns/op
@@ -219,6 +224,11 @@ func newBenchEnv(b *testing.B) *benchEnv {
 		b.Fatal(err)
 	}
 	raw.Wait()
+	// A service builds its key strings per request: reads must not find
+	// the bytes of the key an entry was filled under in the same memory.
+	for _, k := range env.keys {
+		env.readKeys = append(env.readKeys, strings.Clone(k))
+	}
 	for _, k := range env.keys {
 		if _, ok := raw.Get(k); !ok {
 			b.Fatalf("raw ristretto did not keep %s", k)
@@ -297,7 +307,7 @@ func (env *benchEnv) benchmarks() []tierBenchmark {
 	const mask = benchKeys - 1
 	c, load := env.cache, env.load // a method value, made once
 	ristrettoGet := func(_ context.Context, i uint64) error {
-		v, ok := env.raw.Get(env.keys[i&mask])
+		v, ok := env.raw.Get(env.readKeys[i&mask])
 		if !ok {
 			return ErrNotFound
 		}
@@ -318,14 +328,14 @@ func (env *benchEnv) benchmarks() []tierBenchmark {
 		return env.rdb.Get(ctx, env.rawKeys[i&mask]).Err()
 	}
 	l1Get := func(ctx context.Context, i uint64) error {
-		v, err := c.Get(ctx, env.keys[i&mask])
+		v, err := c.Get(ctx, env.readKeys[i&mask])
 		if err != nil {
 			return err
 		}
 		return touchValue(v)
 	}
 	l2Get := func(ctx context.Context, i uint64) error {
-		k := env.keys[i&mask]
+		k := env.readKeys[i&mask]
 		c.local.invalidate(k)
 		v, err := c.Get(ctx, k)
 		if err != nil {
@@ -340,7 +350,7 @@ func (env *benchEnv) benchmarks() []tierBenchmark {
 		{name: "redis-GET", op: redisGet},
 		{name: "redis-GET+decode", op: redisGetDecode},
 		{name: "db-load", op: func(ctx context.Context, i uint64) error {
-			v, err := load(ctx, env.keys[i&mask])
+			v, err := load(ctx, env.readKeys[i&mask])
 			if err != nil {
 				return err
 			}
@@ -348,14 +358,14 @@ func (env *benchEnv) benchmarks() []tierBenchmark {
 		}},
 		{name: "L1-Get", setup: warmMain, op: l1Get},
 		{name: "L1-GetOrLoad", setup: warmMain, op: func(ctx context.Context, i uint64) error {
-			v, err := c.GetOrLoad(ctx, env.keys[i&mask], load)
+			v, err := c.GetOrLoad(ctx, env.readKeys[i&mask], load)
 			if err != nil {
 				return err
 			}
 			return touchValue(v)
 		}},
 		{name: "L1-Get-byvalue", setup: func(b *testing.B) { warmL1(b, env, env.byValue) }, op: func(ctx context.Context, i uint64) error {
-			v, err := env.byValue.Get(ctx, env.keys[i&mask])
+			v, err := env.byValue.Get(ctx, env.readKeys[i&mask])
 			if err != nil {
 				return err
 			}

@@ -2,6 +2,7 @@ package tiered
 
 import (
 	"hash/maphash"
+	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -21,19 +22,20 @@ const entryOverhead = 128
 // without touching anything else, whether it may still be served.
 type entry[V any] struct {
 	value    V
+	check    uint64 // the key's second hash (see local)
 	expires  int64  // coarse-clock UnixNano from which the entry is dead
 	gen      uint64 // the key's slot generation when its fill began
 	epoch    uint64 // the subscription epoch when its fill began
-	slot     uint32 // the key's generation slot, so a hit need not hash
 	notFound bool   // a remembered ErrNotFound
 }
 
-// ticket records the state of the world when a fill began. The fill's
-// result may be stored under it, and is served only while nothing it
-// recorded has moved: an invalidation of the key's slot bumps the slot's
+// ticket records the state of the world when a fill of a key began. The
+// fill's result may be stored under it, and is served only while nothing
+// it recorded has moved: an invalidation of the key's slot bumps the slot's
 // generation, and a subscription gap bumps the epoch.
 type ticket struct {
-	slot  uint32
+	hash  uint64 // the key's two hashes (see local)
+	check uint64
 	gen   uint64
 	epoch uint64
 }
@@ -50,22 +52,32 @@ func (t ticket) healthy() bool { return t.epoch&1 == 0 }
 // is never trusted for being in ristretto: a hit must also show the fill
 // ticket it was stored under is still current. Whatever ristretto keeps, a
 // stale value fails that check and is a miss.
+//
+// ristretto is keyed by the key's 64-bit maphash, computed once per call;
+// it also picks the generation slot and the read-counter stripe. A second
+// maphash, with another seed, is kept in the entry and compared on a hit.
+// That is what ristretto does by default (with xxhash and memhash, both
+// slower for short keys): a key is identified by 128 bits of hash, and two
+// keys share them with probability 2^-128. Comparing the keys themselves
+// would cost a cache miss on the stored key's bytes.
 type local[V any] struct {
-	store *ristretto.Cache[string, *entry[V]]
+	store *ristretto.Cache[uint64, *entry[V]]
 	clock *clock
 	epoch *atomic.Uint64 // owned by the subscriber; odd while unhealthy
-	seed  maphash.Seed
+	seed  [2]maphash.Seed
 	gens  [genSlots]atomic.Uint64
+	reads readCounters
 
 	// ristretto panics when Set or Del race Close; writers hold mu for
-	// reading and Close takes it for writing. Get is safe after Close.
+	// reading and Close takes it for writing.
 	mu     sync.RWMutex
 	closed bool
 
 	// A Get racing Close can panic too ("send on closed channel": it
 	// pushes its access record to the policy, whose channel Close
-	// closes), and taking mu on the hit path costs too much. So get stays
-	// out once closing is set, and a Get already inside recovers.
+	// closes), and taking mu on the hit path costs too much. So get counts
+	// itself in and out in reads, stays out once closing is set, and close
+	// waits for the gets that were already in.
 	closing atomic.Bool
 }
 
@@ -73,53 +85,59 @@ func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V
 	// ristretto wants ~10 counters per item it may hold; assume items of
 	// ~512 bytes, which errs towards more counters for small values.
 	counters := max(maxBytes/512*10, 1000)
-	store, err := ristretto.NewCache(&ristretto.Config[string, *entry[V]]{
+	store, err := ristretto.NewCache(&ristretto.Config[uint64, *entry[V]]{
 		NumCounters:        counters,
 		MaxCost:            maxBytes,
 		BufferItems:        64,
 		IgnoreInternalCost: true, // entryOverhead accounts for it
+		KeyToHash:          func(h uint64) (uint64, uint64) { return h, 0 },
 	})
 	if err != nil {
 		return nil, err
 	}
-	return &local[V]{store: store, clock: clk, epoch: epoch, seed: maphash.MakeSeed()}, nil
+	seed := [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
+	return &local[V]{store: store, clock: clk, epoch: epoch, seed: seed}, nil
 }
 
-func (l *local[V]) slot(key string) uint32 {
-	return uint32(maphash.String(l.seed, key) % genSlots)
-}
+func (l *local[V]) hash(key string) uint64 { return maphash.String(l.seed[0], key) }
+
+func (l *local[V]) check(key string) uint64 { return maphash.String(l.seed[1], key) }
+
+func (l *local[V]) gen(h uint64) *atomic.Uint64 { return &l.gens[h%genSlots] }
 
 // get returns the key's entry if it may be served: not expired, and filled
-// under a ticket that is still current. This is the hot path: one ristretto
-// Get and three atomic loads.
-func (l *local[V]) get(key string) (e *entry[V], ok bool) {
-	if l.closing.Load() {
-		return nil, false
-	}
-	defer func() {
-		if p := recover(); p != nil {
-			if !l.closing.Load() {
-				panic(p)
-			}
-			e, ok = nil, false
+// under a ticket that is still current. This is the hot path: two hashes,
+// one ristretto Get, three atomic loads, and two atomic adds on a
+// read-counter stripe that another core rarely writes at the same time.
+//
+// The generation, epoch and time are loaded before the ristretto Get, so
+// that their cache misses overlap its work; the read takes effect at those
+// loads. An entry stored after them carries a newer generation (or epoch)
+// and is a miss; one stored before was servable when they were loaded.
+func (l *local[V]) get(key string) (*entry[V], bool) {
+	h := l.hash(key)
+	r := &l.reads[h%readStripes]
+	r.entered.Add(1)
+	if !l.closing.Load() {
+		gen, epoch, now := l.gen(h).Load(), l.epoch.Load(), l.clock.now()
+		e, ok := l.store.Get(h)
+		if ok && e.gen == gen && e.epoch == epoch && e.expires > now && e.check == l.check(key) {
+			r.hits.Add(1)
+			return e, true
 		}
-	}()
-	e, ok = l.store.Get(key)
-	if !ok || e.expires <= l.clock.now() ||
-		e.gen != l.gens[e.slot].Load() || e.epoch != l.epoch.Load() {
-		return nil, false
 	}
-	return e, true
+	r.misses.Add(1)
+	return nil, false
 }
 
 // begin takes the ticket for a fill (a read of L2 or a load) of key. It must
 // be taken before the fill reads anything.
 func (l *local[V]) begin(key string) ticket {
-	s := l.slot(key)
+	h := l.hash(key)
 	// Epoch first: if a gap starts between the two loads, the ticket is
 	// already stale, which is the safe direction.
 	ep := l.epoch.Load()
-	return ticket{slot: s, gen: l.gens[s].Load(), epoch: ep}
+	return ticket{hash: h, check: l.check(key), gen: l.gen(h).Load(), epoch: ep}
 }
 
 // beginWrite marks the start of this instance's own write of key and returns
@@ -127,7 +145,7 @@ func (l *local[V]) begin(key string) ticket {
 // before the write and may still hold the value it replaces.
 func (l *local[V]) beginWrite(key string) (ticket, uint64) {
 	t := l.begin(key)
-	g := l.gens[t.slot].Add(1)
+	g := l.gen(t.hash).Add(1)
 	return t, g
 }
 
@@ -144,29 +162,30 @@ func (l *local[V]) beginWrite(key string) (ticket, uint64) {
 // invalid; and the last one sees the other's bump inside its own window and
 // does not store. The next read fills from Redis, which decides.
 func (l *local[V]) endWrite(t ticket, started uint64) (ticket, bool) {
-	g := l.gens[t.slot].Add(1)
+	g := l.gen(t.hash).Add(1)
 	t.gen = g
 	return t, g == started+1 && t.healthy() && l.epoch.Load() == t.epoch
 }
 
-// set stores e (whose ticket fields must be filled) for key. If wait, it
-// also waits until ristretto has applied the Set, so the next get sees it
-// (unless ristretto's admission policy rejected it, which it does only
-// when L1 is full). It reports whether ristretto accepted the Set.
-func (l *local[V]) set(key string, e *entry[V], cost int64, wait bool) bool {
+// set stores e, filled under ticket t, for its key. If wait, it also waits
+// until ristretto has applied the Set, so the next get sees it (unless
+// ristretto's admission policy rejected it, which it does only when L1 is
+// full). It reports whether ristretto accepted the Set.
+func (l *local[V]) set(t ticket, e *entry[V], cost int64, wait bool) bool {
+	e.check, e.gen, e.epoch = t.check, t.gen, t.epoch
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if l.closed {
 		return false
 	}
-	ok := l.store.Set(key, e, cost)
+	ok := l.store.Set(t.hash, e, cost)
 	if ok && wait {
 		l.store.Wait()
 		// Of two buffered Sets of one new key ristretto keeps the older
 		// (here: a fill, not waited for, that began before this write).
 		// Now the key is stored, and a Set of a stored key applies at once.
-		if got, found := l.store.Get(key); found && got != e {
-			ok = l.store.Set(key, e, cost)
+		if got, found := l.store.Get(t.hash); found && got != e {
+			ok = l.store.Set(t.hash, e, cost)
 		}
 	}
 	return ok
@@ -174,11 +193,12 @@ func (l *local[V]) set(key string, e *entry[V], cost int64, wait bool) bool {
 
 // invalidate makes every entry of key unservable and frees its memory.
 func (l *local[V]) invalidate(key string) {
-	l.gens[l.slot(key)].Add(1)
+	h := l.hash(key)
+	l.gen(h).Add(1)
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if !l.closed {
-		l.store.Del(key)
+		l.store.Del(h)
 	}
 }
 
@@ -192,10 +212,57 @@ func (l *local[V]) invalidateAll() {
 
 func (l *local[V]) close() {
 	l.closing.Store(true)
+	// A get that did not see closing may be inside ristretto's Get, which
+	// must not race Close; wait until it is out. It is out within
+	// nanoseconds unless it was descheduled, so yield rather than sleep.
+	for !l.reads.quiet() {
+		runtime.Gosched()
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if !l.closed {
 		l.closed = true
 		l.store.Close()
 	}
+}
+
+// readStripes is the number of stripes of readCounters. With one shared
+// cache line, parallel hits on two cores bounce it and cost more than the
+// rest of the hit; with stripes picked by key hash, two cores share one
+// only when their keys land in the same of 64 stripes.
+const readStripes = 64
+
+// readCounters count L1 reads: how many began and how each ended. They are
+// Stats.LocalHits, and tell close when no read is inside ristretto. A
+// stripe's counters are updated by one read (one stripe for its begin and
+// end), and a stripe fills two cache lines so that the counters of two
+// stripes never share one, wherever the array starts.
+type readCounters [readStripes]struct {
+	entered atomic.Uint64
+	hits    atomic.Uint64
+	misses  atomic.Uint64
+	_       [128 - 3*8]byte
+}
+
+func (r *readCounters) hitCount() uint64 {
+	var n uint64
+	for i := range r {
+		n += r[i].hits.Load()
+	}
+	return n
+}
+
+// quiet reports whether every read that began before the call has ended.
+// Ends are summed before beginnings: every end counted has its beginning
+// counted too, so the sums are equal only if no read that began before the
+// ends were summed is still inside.
+func (r *readCounters) quiet() bool {
+	var ended, entered uint64
+	for i := range r {
+		ended += r[i].hits.Load() + r[i].misses.Load()
+	}
+	for i := range r {
+		entered += r[i].entered.Load()
+	}
+	return ended == entered
 }

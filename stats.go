@@ -32,29 +32,8 @@ type Stats struct {
 	LocalBypassed    uint64 // L1 misses caused by an unhealthy subscription (this Cache)
 }
 
-// stripes is the number of cache-line-padded copies of the hit counter:
-// with one shared counter, parallel hits on two cores bounce its cache line
-// and cost more than the rest of the hit.
-const stripes = 16
-
-type stripedCounter [stripes]struct {
-	n atomic.Uint64
-	_ [56]byte
-}
-
-func (s *stripedCounter) add(i uint32) { s[i%stripes].n.Add(1) }
-
-func (s *stripedCounter) load() uint64 {
-	var n uint64
-	for i := range s {
-		n += s[i].n.Load()
-	}
-	return n
-}
-
 // counters are the live counters behind Stats.
 type counters struct {
-	localHits                       stripedCounter
 	localMisses, remoteHits         atomic.Uint64
 	remoteMisses, loads, loadErrors atomic.Uint64
 	loadPanics, remoteErrors        atomic.Uint64

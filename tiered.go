@@ -101,7 +101,6 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 // first checks ctx.
 func (c *Cache[V]) Get(ctx context.Context, key string) (V, error) {
 	if e, ok := c.local.get(key); ok {
-		c.stats.localHits.add(e.slot)
 		return e.result()
 	}
 	if err := c.usable(ctx, key); err != nil {
@@ -142,7 +141,6 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (V, error) {
 func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 	load func(ctx context.Context, key string) (V, error), opts ...ItemOption) (V, error) {
 	if e, ok := c.local.get(key); ok {
-		c.stats.localHits.add(e.slot)
 		return e.result()
 	}
 	var zero V
@@ -240,7 +238,7 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 func (c *Cache[V]) Stats() Stats {
 	s := &c.stats
 	return Stats{
-		LocalHits:              s.localHits.load(),
+		LocalHits:              c.local.reads.hitCount(),
 		LocalMisses:            s.localMisses.Load(),
 		RemoteHits:             s.remoteHits.Load(),
 		RemoteMisses:           s.remoteMisses.Load(),
@@ -414,12 +412,9 @@ func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl 
 	e := &entry[V]{
 		value:    v,
 		expires:  min(c.clock.now()+int64(ttl), remoteExpires),
-		gen:      t.gen,
-		epoch:    t.epoch,
-		slot:     t.slot,
 		notFound: notFound,
 	}
-	c.local.set(key, e, cost, wait)
+	c.local.set(t, e, cost, wait)
 }
 
 // remoteExpiry applies jitter to ttl and returns the L2 TTL and the expiry

@@ -1243,14 +1243,14 @@ func TestOwnWriteWinsOverABufferedFillOfTheSameKey(t *testing.T) {
 	for i := range 100 {
 		key := "k" + strconv.Itoa(i)
 		t0 := c.local.begin(key)
-		c.local.set(key, &entry[string]{value: "fill", expires: far, gen: t0.gen, epoch: t0.epoch, slot: t0.slot}, 1, false)
+		c.local.set(t0, &entry[string]{value: "fill", expires: far}, 1, false)
 		t1, started := c.local.beginWrite(key)
 		t1, ok := c.local.endWrite(t1, started)
 		if !ok {
 			t.Fatal("endWrite refused an uncontended write")
 		}
-		own := &entry[string]{value: "own", expires: far, gen: t1.gen, epoch: t1.epoch, slot: t1.slot}
-		c.local.set(key, own, 1, true)
+		own := &entry[string]{value: "own", expires: far}
+		c.local.set(t1, own, 1, true)
 		if e, ok := c.local.get(key); !ok || e != own {
 			t.Fatalf("%s: L1 serves %+v (ok %v) after the own write; want the own write", key, e, ok)
 		}
