@@ -4,57 +4,140 @@ import (
 	"context"
 	"fmt"
 	"runtime/debug"
+	"sync"
 	"sync/atomic"
 	"time"
-
-	"golang.org/x/sync/singleflight"
 )
 
-// flight makes concurrent misses on one key do their work (an L2 read and
-// perhaps a load) once, on top of x/sync/singleflight, adding three things:
+// flight makes concurrent misses on one key share one run of the work that
+// fills it: a read of Redis and, for GetOrLoad, perhaps a load. It does what
+// golang.org/x/sync/singleflight does, shaped for a cache:
 //
-//   - The work runs under a context detached from the first caller's
-//     cancellation: with the caller's context, one impatient caller would
-//     fail every other caller sharing the work. It keeps the first caller's
-//     values (trace IDs and the like) and gets its own timeout.
-//   - Every caller waits on its own context and may leave early; the work
-//     goes on and its result is still cached for the next caller.
-//   - A panic in the work becomes an error (wrapping ErrLoaderPanic) for
-//     every caller. singleflight.DoChan would re-panic it in a fresh
-//     goroutine, where no recover can catch it, and crash the process.
+//   - The caller that starts a flight (the leader) reads Redis on its own
+//     goroutine, under its own context. singleflight.DoChan would run the
+//     read on a new goroutine and hand the result back over a channel: two
+//     goroutine wake-ups, which cost tens of microseconds on small VMs, on
+//     a path whose floor is one Redis round trip.
+//   - A load runs on a goroutine of its own, under a context that keeps the
+//     leader's values but not its cancellation, bounded by the flight's
+//     timeout: one impatient caller must not fail the others, and a load
+//     that outlives all its callers is still cached for the next.
+//   - Every caller waits on its own context and may leave early.
+//   - A panic in the work becomes an error wrapping ErrLoaderPanic for every
+//     caller. (Under DoChan it re-panics on a goroutine where no recover
+//     can catch it, and the process dies.)
+//
+// Because the leader reads under its own context, its read can fail for a
+// reason that is the leader's alone. The waiters must not inherit it:
+//
+//	A: misses, leads, sends GET under ctxA
+//	B: misses, joins A's flight, waits
+//	A: ctxA is cancelled; the read returns context.Canceled
+//	A: ends the flight as abandoned, returns context.Canceled
+//	B: sees the flight abandoned and starts over: it leads (or joins C's)
+//
+// So a flight whose read failed while its leader's context was done is
+// abandoned, not answered.
 type flight[V any] struct {
-	group   singleflight.Group
-	timeout time.Duration
+	timeout time.Duration   // of a load
 	onPanic func(err error) // counts and logs; called once per panic
-	shared  *atomic.Uint64  // callers that got the result of another caller's run
+	shared  *atomic.Uint64  // callers that got the result of another caller's flight
+
+	mu    sync.Mutex
+	calls map[string]*flightCall[V]
 }
 
-// do runs fn for key unless a run for key is in flight, in which case it
-// waits for that run's result. The result is shared: callers must treat it
-// as read-only.
-func (f *flight[V]) do(ctx context.Context, key string, fn func(ctx context.Context) (V, error)) (V, error) {
-	ran := false // set by this caller's fn, if it is the one that runs
-	ch := f.group.DoChan(key, func() (v any, err error) {
-		ran = true
-		defer func() {
-			if p := recover(); p != nil {
-				err = fmt.Errorf("%w: %v\n%s", ErrLoaderPanic, p, debug.Stack())
-				f.onPanic(err)
+type flightCall[V any] struct {
+	done      chan struct{} // closed once the fields below are set
+	val       V
+	err       error
+	abandoned bool // the leader's context ended during its read
+}
+
+// flightRead is the leader's part of a flight. It returns the flight's
+// result, or a load to run detached whose result is the flight's.
+type flightRead[V any] func(ctx context.Context) (V, error, flightLoad[V])
+
+type flightLoad[V any] func(ctx context.Context) (V, error)
+
+// do returns the result of the flight for key: one it leads, running read,
+// or the one in progress. The result is shared: callers must treat it as
+// read-only.
+func (f *flight[V]) do(ctx context.Context, key string, read flightRead[V]) (V, error) {
+	for {
+		f.mu.Lock()
+		c, ok := f.calls[key]
+		if !ok {
+			c = &flightCall[V]{done: make(chan struct{})}
+			if f.calls == nil {
+				f.calls = make(map[string]*flightCall[V])
 			}
-		}()
-		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.timeout)
-		defer cancel()
-		return fn(wctx)
-	})
-	select {
-	case r := <-ch:
-		if !ran { // reading ran is safe: fn wrote it before ch was sent on
-			f.shared.Add(1)
+			f.calls[key] = c
+			f.mu.Unlock()
+			return f.lead(ctx, key, c, read)
 		}
-		v, _ := r.Val.(V)
-		return v, r.Err
-	case <-ctx.Done():
-		var zero V
-		return zero, ctx.Err()
+		f.mu.Unlock()
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			var zero V
+			return zero, ctx.Err()
+		}
+		if !c.abandoned {
+			f.shared.Add(1)
+			return c.val, c.err
+		}
 	}
+}
+
+func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read flightRead[V]) (V, error) {
+	var load flightLoad[V]
+	v, err := f.guard(func() (v V, err error) {
+		v, err, load = read(ctx)
+		return v, err
+	})
+	switch {
+	case load != nil:
+		go func() {
+			lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.timeout)
+			defer cancel()
+			v, err := f.guard(func() (V, error) { return load(lctx) })
+			f.finish(key, c, v, err, false)
+		}()
+		select {
+		case <-c.done:
+			return c.val, c.err
+		case <-ctx.Done():
+			var zero V
+			return zero, ctx.Err()
+		}
+	case err != nil && ctx.Err() != nil:
+		f.finish(key, c, v, err, true)
+		return v, ctx.Err()
+	default:
+		f.finish(key, c, v, err, false)
+		return v, err
+	}
+}
+
+// guard runs work and turns a panic into an error wrapping ErrLoaderPanic.
+func (f *flight[V]) guard(work func() (V, error)) (v V, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("%w: %v\n%s", ErrLoaderPanic, p, debug.Stack())
+			f.onPanic(err)
+		}
+	}()
+	return work()
+}
+
+// finish publishes the flight's result. The flight leaves the table first,
+// so that a caller who comes after the result was published starts a new
+// flight rather than getting an old result.
+func (f *flight[V]) finish(key string, c *flightCall[V], v V, err error, abandoned bool) {
+	c.val, c.err, c.abandoned = v, err, abandoned
+	f.mu.Lock()
+	delete(f.calls, key)
+	f.mu.Unlock()
+	close(c.done)
 }

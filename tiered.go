@@ -81,7 +81,7 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 	// was); once Redis answers again they must not outlive that: Redis may
 	// hold something else, and no invalidation will say so.
 	c.remote.breaker.onRecover = func() { c.sub.flush("redis answers again") }
-	c.reads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, shared: &c.stats.shared}
+	c.reads = flight[V]{onPanic: c.panicked, shared: &c.stats.shared}
 	c.loads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, shared: &c.stats.shared}
 	c.sub = acquireSubscriber(opts.Redis, opts.HeartbeatInterval, opts.Logger)
 	c.local, err = newLocal[V](opts.LocalMaxBytes, clk, &c.sub.epoch)
@@ -109,15 +109,15 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (V, error) {
 	}
 	c.missed()
 	localTTL, _, _ := c.ttls(key, nil)
-	return c.reads.do(ctx, key, func(ctx context.Context) (V, error) {
+	return c.reads.do(ctx, key, func(ctx context.Context) (V, error, flightLoad[V]) {
 		v, res, err := c.fetch(ctx, key, c.local.begin(key), localTTL)
 		switch res {
 		case fetchHit:
-			return v, nil
+			return v, nil, nil
 		case fetchFailed:
-			return v, err
+			return v, err, nil
 		default:
-			return v, ErrNotFound
+			return v, ErrNotFound, nil
 		}
 	})
 }
@@ -155,16 +155,20 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 		return zero, err
 	}
 	c.missed()
-	return c.loads.do(ctx, key, func(ctx context.Context) (V, error) {
+	return c.loads.do(ctx, key, func(ctx context.Context) (V, error, flightLoad[V]) {
 		t := c.local.begin(key)
-		v, res, _ := c.fetch(ctx, key, t, localTTL)
-		switch res {
-		case fetchHit:
-			return v, nil
-		case fetchNotFound:
-			return v, ErrNotFound
+		v, res, err := c.fetch(ctx, key, t, localTTL)
+		switch {
+		case res == fetchHit:
+			return v, nil, nil
+		case res == fetchNotFound:
+			return v, ErrNotFound, nil
+		case res == fetchFailed && ctx.Err() != nil:
+			return v, err, nil // our caller gave up; not an outage
 		}
-		return c.load(ctx, key, t, load, res, localTTL, remoteTTL)
+		return zero, nil, func(ctx context.Context) (V, error) {
+			return c.load(ctx, key, t, load, res, localTTL, remoteTTL)
+		}
 	})
 }
 
