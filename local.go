@@ -67,6 +67,7 @@ type local[V any] struct {
 	seed  [2]maphash.Seed
 	gens  [genSlots]atomic.Uint64
 	reads readCounters
+	fills fillBuffer[V]
 
 	// ristretto panics when Set or Del race Close; writers hold mu for
 	// reading and Close takes it for writing.
@@ -95,8 +96,12 @@ func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V
 	if err != nil {
 		return nil, err
 	}
-	seed := [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
-	return &local[V]{store: store, clock: clk, epoch: epoch, seed: seed}, nil
+	l := &local[V]{store: store, clock: clk, epoch: epoch}
+	l.seed = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
+	// Fills waiting for ristretto are not in its cost: keep them to a
+	// sixteenth of it.
+	l.fills.limit = maxBytes / 16
+	return l, nil
 }
 
 func (l *local[V]) hash(key string) uint64 { return maphash.String(l.seed[0], key) }
@@ -109,6 +114,8 @@ func (l *local[V]) gen(h uint64) *atomic.Uint64 { return &l.gens[h%genSlots] }
 // under a ticket that is still current. This is the hot path: two hashes,
 // one ristretto Get, three atomic loads, and two atomic adds on a
 // read-counter stripe that another core rarely writes at the same time.
+// Only if ristretto has no servable entry does get look among the fills
+// not yet handed to it.
 //
 // The generation, epoch and time are loaded before the ristretto Get, so
 // that their cache misses overlap its work; the read takes effect at those
@@ -121,6 +128,14 @@ func (l *local[V]) get(key string) (*entry[V], bool) {
 	if !l.closing.Load() {
 		gen, epoch, now := l.gen(h).Load(), l.epoch.Load(), l.clock.now()
 		e, ok := l.store.Get(h)
+		if ok && e.gen == gen && e.epoch == epoch && e.expires > now && e.check == l.check(key) {
+			r.hits.Add(1)
+			return e, true
+		}
+		e, ok, batch := l.fills.get(h, now)
+		if batch != nil {
+			l.hand(batch)
+		}
 		if ok && e.gen == gen && e.epoch == epoch && e.expires > now && e.check == l.check(key) {
 			r.hits.Add(1)
 			return e, true
@@ -167,34 +182,57 @@ func (l *local[V]) endWrite(t ticket, started uint64) (ticket, bool) {
 	return t, g == started+1 && t.healthy() && l.epoch.Load() == t.epoch
 }
 
-// set stores e, filled under ticket t, for its key. If wait, it also waits
-// until ristretto has applied the Set, so the next get sees it (unless
-// ristretto's admission policy rejected it, which it does only when L1 is
-// full). It reports whether ristretto accepted the Set.
-func (l *local[V]) set(t ticket, e *entry[V], cost int64, wait bool) bool {
+// set stores e, filled under ticket t, for its key. If wait (an own write,
+// or a value loaded while Redis failed), it hands e to ristretto and waits
+// until ristretto has applied it, so that it outlives the fill buffer
+// (unless ristretto's admission policy rejected it, which it does only
+// when L1 is full). Otherwise e goes to the fill buffer, where the next get
+// already finds it.
+func (l *local[V]) set(t ticket, e *entry[V], cost int64, wait bool) {
 	e.check, e.gen, e.epoch = t.check, t.gen, t.epoch
+	if !wait {
+		if batch := l.fills.add(t.hash, pendingFill[V]{e, cost}, l.clock.now()); batch != nil {
+			l.hand(batch)
+		}
+		return
+	}
+	l.fills.drop(t.hash)
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if l.closed || !l.store.Set(t.hash, e, cost) {
+		return
+	}
+	l.store.Wait()
+	// Of two buffered Sets of one new key ristretto keeps the older (here:
+	// a batch of fills, handed over but not waited for, with a fill that
+	// began before this write). Now the key is stored, and a Set of a
+	// stored key applies at once.
+	if got, found := l.store.Get(t.hash); found && got != e {
+		l.store.Set(t.hash, e, cost)
+	}
+}
+
+// hand gives a batch of fills to ristretto. Fills that are no longer
+// servable are left out.
+func (l *local[V]) hand(batch map[uint64]pendingFill[V]) {
+	epoch := l.epoch.Load()
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if l.closed {
-		return false
+		return
 	}
-	ok := l.store.Set(t.hash, e, cost)
-	if ok && wait {
-		l.store.Wait()
-		// Of two buffered Sets of one new key ristretto keeps the older
-		// (here: a fill, not waited for, that began before this write).
-		// Now the key is stored, and a Set of a stored key applies at once.
-		if got, found := l.store.Get(t.hash); found && got != e {
-			ok = l.store.Set(t.hash, e, cost)
+	for h, f := range batch {
+		if f.e.gen == l.gen(h).Load() && f.e.epoch == epoch {
+			l.store.Set(h, f.e, f.cost)
 		}
 	}
-	return ok
 }
 
 // invalidate makes every entry of key unservable and frees its memory.
 func (l *local[V]) invalidate(key string) {
 	h := l.hash(key)
 	l.gen(h).Add(1)
+	l.fills.drop(h)
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if !l.closed {

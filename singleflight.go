@@ -48,7 +48,10 @@ type flight[V any] struct {
 }
 
 type flightCall[V any] struct {
-	done      chan struct{} // closed once the fields below are set
+	// done is closed once the fields below are set. It is made by the
+	// first caller who waits (under flight.mu), so that the common flight,
+	// which nobody joins, does without it.
+	done      chan struct{}
 	val       V
 	err       error
 	abandoned bool // the leader's context ended during its read
@@ -68,7 +71,7 @@ func (f *flight[V]) do(ctx context.Context, key string, read flightRead[V]) (V, 
 		f.mu.Lock()
 		c, ok := f.calls[key]
 		if !ok {
-			c = &flightCall[V]{done: make(chan struct{})}
+			c = &flightCall[V]{}
 			if f.calls == nil {
 				f.calls = make(map[string]*flightCall[V])
 			}
@@ -76,9 +79,10 @@ func (f *flight[V]) do(ctx context.Context, key string, read flightRead[V]) (V, 
 			f.mu.Unlock()
 			return f.lead(ctx, key, c, read)
 		}
+		done := f.waitOn(c)
 		f.mu.Unlock()
 		select {
-		case <-c.done:
+		case <-done:
 		case <-ctx.Done():
 			var zero V
 			return zero, ctx.Err()
@@ -98,6 +102,9 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 	})
 	switch {
 	case load != nil:
+		f.mu.Lock()
+		done := f.waitOn(c)
+		f.mu.Unlock()
 		go func() {
 			lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.timeout)
 			defer cancel()
@@ -105,7 +112,7 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 			f.finish(key, c, v, err, false)
 		}()
 		select {
-		case <-c.done:
+		case <-done:
 			return c.val, c.err
 		case <-ctx.Done():
 			var zero V
@@ -131,13 +138,24 @@ func (f *flight[V]) guard(work func() (V, error)) (v V, err error) {
 	return work()
 }
 
-// finish publishes the flight's result. The flight leaves the table first,
-// so that a caller who comes after the result was published starts a new
-// flight rather than getting an old result.
+// waitOn returns the channel that is closed when c finishes. f.mu must be
+// held.
+func (f *flight[V]) waitOn(c *flightCall[V]) chan struct{} {
+	if c.done == nil {
+		c.done = make(chan struct{})
+	}
+	return c.done
+}
+
+// finish publishes the flight's result. The flight leaves the table in the
+// same step, so that a caller who comes after the result was published
+// starts a new flight rather than getting an old result.
 func (f *flight[V]) finish(key string, c *flightCall[V], v V, err error, abandoned bool) {
 	c.val, c.err, c.abandoned = v, err, abandoned
 	f.mu.Lock()
 	delete(f.calls, key)
+	if c.done != nil {
+		close(c.done)
+	}
 	f.mu.Unlock()
-	close(c.done)
 }

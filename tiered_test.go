@@ -565,6 +565,72 @@ func TestConcurrentGetOrLoadOfColdKeyCallsLoaderOnce(t *testing.T) {
 	}
 }
 
+// The caller that starts a flight reads Redis under its own context. If that
+// context ends during the read, the callers waiting on the flight must not
+// get the leader's context error: they start over, and one of them reads.
+func TestWaitersOutliveALeaderCancelledDuringItsRedisRead(t *testing.T) {
+	for _, op := range []struct {
+		name string
+		call func(c *Cache[string], ctx context.Context) (string, error)
+	}{
+		{"Get", func(c *Cache[string], ctx context.Context) (string, error) { return c.Get(ctx, "k") }},
+		{"GetOrLoad", func(c *Cache[string], ctx context.Context) (string, error) {
+			return c.GetOrLoad(ctx, "k", coreMustNotLoad[string](t))
+		}},
+	} {
+		t.Run(op.name, func(t *testing.T) {
+			mr, rdb := newMiniredis(t)
+			// A GET whose context carries coreBlockKey waits for its context.
+			entered := make(chan struct{}, 1)
+			rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
+				if cmd.Name() == "get" && ctx.Value(coreBlockKey{}) != nil {
+					entered <- struct{}{}
+					<-ctx.Done()
+					cmd.SetErr(ctx.Err())
+					return ctx.Err()
+				}
+				return next(ctx, cmd)
+			}})
+			c := newCoreCache[string](t, rdb, Options{})
+			w := newCoreCache[string](t, coreOtherClient(t, mr), Options{Namespace: c.opts.Namespace})
+			if err := w.Set(context.Background(), "k", "v"); err != nil {
+				t.Fatal(err)
+			}
+			coreWaitInvalidations(t, c, 1)
+
+			leaderCtx, cancel := context.WithCancel(context.WithValue(context.Background(), coreBlockKey{}, true))
+			defer cancel()
+			leader := make(chan error)
+			go func() {
+				_, err := op.call(c, leaderCtx)
+				leader <- err
+			}()
+			<-entered
+			waiter := make(chan string)
+			go func() {
+				v, err := op.call(c, context.Background())
+				if err != nil {
+					t.Errorf("waiter: %v, want the value", err)
+				}
+				waiter <- v
+			}()
+			waitUntil(t, 5*time.Second, "the waiter to join the flight", func() bool { return c.Stats().LocalMisses == 2 })
+
+			cancel()
+			if err := <-leader; !errors.Is(err, context.Canceled) {
+				t.Errorf("leader: %v, want context.Canceled", err)
+			}
+			if v := <-waiter; v != "v" {
+				t.Errorf("waiter got %q, want v", v)
+			}
+			if s := c.Stats(); s.RemoteErrors != 0 || s.Shared != 0 || s.RemoteHits != 1 {
+				t.Errorf("RemoteErrors %d, Shared %d, RemoteHits %d; want 0, 0, 1 (the waiter read Redis itself)",
+					s.RemoteErrors, s.Shared, s.RemoteHits)
+			}
+		})
+	}
+}
+
 type coreCtxKey struct{}
 
 func TestLoaderIsNotCancelledWhenTheFirstCallerGivesUp(t *testing.T) {
@@ -1243,7 +1309,8 @@ func TestOwnWriteWinsOverABufferedFillOfTheSameKey(t *testing.T) {
 	for i := range 100 {
 		key := "k" + strconv.Itoa(i)
 		t0 := c.local.begin(key)
-		c.local.set(t0, &entry[string]{value: "fill", expires: far}, 1, false)
+		fill := &entry[string]{value: "fill", expires: far, check: t0.check, gen: t0.gen, epoch: t0.epoch}
+		c.local.hand(map[uint64]pendingFill[string]{t0.hash: {fill, 1}})
 		t1, started := c.local.beginWrite(key)
 		t1, ok := c.local.endWrite(t1, started)
 		if !ok {
