@@ -580,17 +580,7 @@ func TestWaitersOutliveALeaderCancelledDuringItsRedisRead(t *testing.T) {
 	} {
 		t.Run(op.name, func(t *testing.T) {
 			mr, rdb := newMiniredis(t)
-			// A GET whose context carries coreBlockKey waits for its context.
-			entered := make(chan struct{}, 1)
-			rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
-				if cmd.Name() == "get" && ctx.Value(coreBlockKey{}) != nil {
-					entered <- struct{}{}
-					<-ctx.Done()
-					cmd.SetErr(ctx.Err())
-					return ctx.Err()
-				}
-				return next(ctx, cmd)
-			}})
+			entered := coreBlockCommands(rdb)
 			c := newCoreCache[string](t, rdb, Options{})
 			w := newCoreCache[string](t, coreOtherClient(t, mr), Options{Namespace: c.opts.Namespace})
 			if err := w.Set(context.Background(), "k", "v"); err != nil {
@@ -1212,10 +1202,11 @@ func TestCancelledContextReturnsContextErrorNotRedisError(t *testing.T) {
 
 type coreBlockKey struct{}
 
-func TestContextCancelledDuringRedisCallIsNotARedisError(t *testing.T) {
-	mr, rdb := newMiniredis(t)
-	// Commands whose context carries coreBlockKey behave like a Redis that
-	// does not answer: they wait for the context.
+// coreBlockCommands makes the commands on rdb whose context carries
+// coreBlockKey behave like a Redis that does not answer: they wait for the
+// context. Each sends its name on the returned channel when it starts
+// waiting.
+func coreBlockCommands(rdb *redis.Client) <-chan string {
 	entered := make(chan string, 1)
 	rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
 		if ctx.Value(coreBlockKey{}) != nil {
@@ -1226,6 +1217,12 @@ func TestContextCancelledDuringRedisCallIsNotARedisError(t *testing.T) {
 		}
 		return next(ctx, cmd)
 	}})
+	return entered
+}
+
+func TestContextCancelledDuringRedisCallIsNotARedisError(t *testing.T) {
+	mr, rdb := newMiniredis(t)
+	entered := coreBlockCommands(rdb)
 	c := newCoreCache[string](t, rdb, Options{})
 	w := newCoreCache[string](t, coreOtherClient(t, mr), Options{Namespace: c.opts.Namespace})
 	if err := w.Set(context.Background(), "k", "old"); err != nil {
