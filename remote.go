@@ -25,6 +25,15 @@ redis.call('DEL', unpack(KEYS))
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1`)
 
+// replaceScript stores a value unless the key holds something other than
+// ARGV[3]: a compare-and-set that replaces a corrupt value but not a value
+// written since it was read.
+var replaceScript = redis.NewScript(`
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1`)
+
 // maxKeysPerScript bounds unpack(KEYS) well below Lua's stack limit.
 const maxKeysPerScript = 1000
 
@@ -67,18 +76,19 @@ func (r *remote) write(ctx context.Context, key string, val []byte, ttl time.Dur
 	return r.check(ctx, err)
 }
 
-// fill stores a loaded value under key. Unless overwrite, it only stores if
-// Redis has no value (SET NX): a value written by Set while the load ran is
-// newer than the loaded one and must win. stored reports whether Redis took
-// the value. Nobody can hold the key in L1 while Redis has no value for it,
-// so no invalidation is published.
-func (r *remote) fill(ctx context.Context, key string, val []byte, ttl time.Duration, overwrite bool) (stored bool, err error) {
+// fill stores a loaded value under key if Redis has no value for it (SET
+// NX), or, if held is not nil, if Redis still holds held (a corrupt value
+// the load replaces). A value written by Set while the load ran is newer
+// than the loaded one and must win. stored reports whether Redis took the
+// value. Nobody can hold the key in L1 while Redis has no value for it, or
+// a corrupt one, so no invalidation is published.
+func (r *remote) fill(ctx context.Context, key string, val []byte, ttl time.Duration, held []byte) (stored bool, err error) {
 	if err := r.breaker.allow(); err != nil {
 		return false, err
 	}
-	if overwrite {
-		err = r.client.Set(ctx, r.key(key), val, ttl).Err()
-		return err == nil, r.check(ctx, err)
+	if held != nil {
+		stored, err = replaceScript.Run(ctx, r.client, []string{r.key(key)}, val, ttl.Milliseconds(), held).Bool()
+		return stored, r.check(ctx, err)
 	}
 	stored, err = r.client.SetNX(ctx, r.key(key), val, ttl).Result()
 	return stored, r.check(ctx, err)

@@ -110,7 +110,7 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (V, error) {
 	c.missed()
 	localTTL, _, _ := c.ttls(key, nil)
 	return c.reads.do(ctx, key, func(ctx context.Context) (V, error, flightLoad[V]) {
-		v, res, err := c.fetch(ctx, key, c.local.begin(key), localTTL)
+		v, res, _, err := c.fetch(ctx, key, c.local.begin(key), localTTL)
 		switch res {
 		case fetchHit:
 			return v, nil, nil
@@ -157,7 +157,7 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 	c.missed()
 	return c.loads.do(ctx, key, func(ctx context.Context) (V, error, flightLoad[V]) {
 		t := c.local.begin(key)
-		v, res, err := c.fetch(ctx, key, t, localTTL)
+		v, res, held, err := c.fetch(ctx, key, t, localTTL)
 		switch {
 		case res == fetchHit:
 			return v, nil, nil
@@ -167,7 +167,7 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 			return v, err, nil // our caller gave up; not an outage
 		}
 		return zero, nil, func(ctx context.Context) (V, error) {
-			return c.load(ctx, key, t, load, res, localTTL, remoteTTL)
+			return c.load(ctx, key, t, load, res, held, localTTL, remoteTTL)
 		}
 	})
 }
@@ -314,17 +314,18 @@ const (
 	fetchFailed                      // Redis did not answer
 )
 
-// fetch reads key from Redis and, on a hit, keeps it in L1 under t.
-func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL time.Duration) (V, fetchResult, error) {
+// fetch reads key from Redis and, on a hit, keeps it in L1 under t. If the
+// value is corrupt, it returns what Redis held.
+func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL time.Duration) (V, fetchResult, []byte, error) {
 	var zero V
 	b, found, err := c.remote.get(ctx, key)
 	if err != nil {
 		c.remoteFailed(err)
-		return zero, fetchFailed, err
+		return zero, fetchFailed, nil, err
 	}
 	if !found {
 		c.stats.remoteMisses.Add(1)
-		return zero, fetchMiss, nil
+		return zero, fetchMiss, nil, nil
 	}
 	kind, expires, payload, err := decodeEnvelope(b)
 	v := zero
@@ -336,20 +337,20 @@ func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL tim
 		c.stats.remoteMisses.Add(1)
 		c.corruptLog.warn("tiered: value in redis is not ours or does not decode; treating it as a miss",
 			"key", key, "err", err)
-		return zero, fetchCorrupt, nil
+		return zero, fetchCorrupt, b, nil
 	}
 	c.stats.remoteHits.Add(1)
 	c.keep(key, t, v, kind == kindNotFound, len(payload), localTTL, expires, false, false)
 	if kind == kindNotFound {
-		return zero, fetchNotFound, nil
+		return zero, fetchNotFound, nil, nil
 	}
-	return v, fetchHit, nil
+	return v, fetchHit, nil, nil
 }
 
 // load calls the loader for key and caches what it returns. res is what
-// fetch found in Redis.
+// fetch found in Redis, and held the corrupt value it found there.
 func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
-	load func(context.Context, string) (V, error), res fetchResult, localTTL, remoteTTL time.Duration) (V, error) {
+	load func(context.Context, string) (V, error), res fetchResult, held []byte, localTTL, remoteTTL time.Duration) (V, error) {
 	c.stats.loads.Add(1)
 	v, err := load(ctx, key)
 	notFound := errors.Is(err, ErrNotFound)
@@ -379,9 +380,9 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 	outage := res == fetchFailed
 	stored := false
 	if !outage {
-		// A corrupt value is overwritten; otherwise only an empty key is
+		// Only an empty key, or one still holding the corrupt value, is
 		// filled, so that a Set that happened during the load wins.
-		stored, err = c.remote.fill(ctx, key, encodeEnvelope(kind, expires, b), ttl, res == fetchCorrupt)
+		stored, err = c.remote.fill(ctx, key, encodeEnvelope(kind, expires, b), ttl, held)
 		if err != nil {
 			c.remoteFailed(err)
 			outage = true

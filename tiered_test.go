@@ -1149,6 +1149,43 @@ func TestCorruptValueInRedisIsAMissAndIsOverwrittenByTheLoad(t *testing.T) {
 	}
 }
 
+// The load that replaces a corrupt value must not replace a value that a
+// Set wrote while it ran: that one is newer.
+func TestLoadReplacingACorruptValueLosesToASetDuringTheLoad(t *testing.T) {
+	ctx := context.Background()
+	mr, rdb := newMiniredis(t)
+	c := newCoreCache[string](t, rdb, Options{})
+	w := newCoreCache[string](t, coreOtherClient(t, mr), Options{Namespace: c.opts.Namespace})
+	if err := rdb.Set(ctx, coreRedisKey(c, "k"), "written by someone else", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	loading, release := make(chan struct{}), make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		v, err := c.GetOrLoad(ctx, "k", func(context.Context, string) (string, error) {
+			close(loading)
+			<-release
+			return "loaded", nil
+		})
+		if err != nil || v != "loaded" {
+			t.Errorf("GetOrLoad = %q, %v; want the loaded value", v, err)
+		}
+	}()
+	<-loading
+	if err := w.Set(ctx, "k", "set"); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	<-done
+	raw, _ := rdb.Get(ctx, coreRedisKey(c, "k")).Bytes()
+	if _, _, payload, err := decodeEnvelope(raw); err != nil || string(payload) != "set" {
+		t.Errorf("Redis holds %q after the load; want the Set's value", raw)
+	}
+	got, err := c.GetOrLoad(ctx, "k", coreMustNotLoad[string](t))
+	coreWant(t, "GetOrLoad after the load", got, err, "set")
+}
+
 func TestCorruptValueInRedisIsNotFoundForGet(t *testing.T) {
 	ctx := context.Background()
 	_, rdb := newMiniredis(t)
