@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -435,5 +436,36 @@ func startHeldLoad(c *Cache[string], key, value string) (finish func()) {
 		close(release)
 		<-done
 		flushL1Buffer(c)
+	}
+}
+
+// An invalidation bumps the generation slot its key hashes to, which makes
+// every other L1 entry in that slot miss once. The table grows with L1, so
+// that in a large L1 a write costs the other keys few misses.
+func TestInvalidationsMakeFewOtherKeysMissInALargeL1(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMiniredis(t)
+	c := newCoreCache[string](t, rdb, Options{LocalMaxBytes: defaultLocalMaxBytes})
+	const kept, deleted = 2000, 50
+	for i := range kept {
+		if _, err := c.GetOrLoad(ctx, "k"+strconv.Itoa(i), coreLoadString("v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range deleted {
+		if err := c.Delete(ctx, "gone"+strconv.Itoa(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := c.Stats().LocalMisses
+	for i := range kept {
+		if _, err := c.GetOrLoad(ctx, "k"+strconv.Itoa(i), coreMustNotLoad[string](t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 50 deletes over 32768 slots touch the slots of ~3 of 2000 keys
+	// (with 4096 slots it would be ~24).
+	if misses := c.Stats().LocalMisses - before; misses > 12 {
+		t.Errorf("%d of %d keys missed L1 after %d deletes of other keys; want a few", misses, kept, deleted)
 	}
 }

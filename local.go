@@ -9,10 +9,18 @@ import (
 	"github.com/dgraph-io/ristretto/v2"
 )
 
-// genSlots is the size of the generation table. Keys share a slot by hash;
-// a collision only turns a would-be hit into a miss after an invalidation of
-// the other key.
-const genSlots = 4096
+// genSlots returns the size of the generation table for an L1 of maxBytes.
+// Keys share a slot by hash, and an invalidation of one key makes every L1
+// entry in its slot a miss (once: the next fill takes the new generation).
+// So the table grows with L1, one slot per 2 KiB (about four entries of
+// ~512 bytes), between 4096 and 65536 slots (32 KiB to 512 KiB).
+func genSlots(maxBytes int64) int {
+	n := 4096
+	for n < 1<<16 && int64(n)*2048 < maxBytes {
+		n *= 2
+	}
+	return n
+}
 
 // entryOverhead approximates the bytes an L1 entry costs beyond its encoded
 // value and key: ristretto's item and map slot plus our entry header.
@@ -65,7 +73,7 @@ type local[V any] struct {
 	clock *clock
 	epoch *atomic.Uint64 // owned by the subscriber; odd while unhealthy
 	seed  [2]maphash.Seed
-	gens  [genSlots]atomic.Uint64
+	gens  []atomic.Uint64 // a power of two long
 	reads readCounters
 	fills fillBuffer[V]
 
@@ -96,7 +104,7 @@ func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V
 	if err != nil {
 		return nil, err
 	}
-	l := &local[V]{store: store, clock: clk, epoch: epoch}
+	l := &local[V]{store: store, clock: clk, epoch: epoch, gens: make([]atomic.Uint64, genSlots(maxBytes))}
 	l.seed = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
 	// Fills waiting for ristretto are not in its cost: keep them to a
 	// sixteenth of it.
@@ -108,7 +116,7 @@ func (l *local[V]) hash(key string) uint64 { return maphash.String(l.seed[0], ke
 
 func (l *local[V]) check(key string) uint64 { return maphash.String(l.seed[1], key) }
 
-func (l *local[V]) gen(h uint64) *atomic.Uint64 { return &l.gens[h%genSlots] }
+func (l *local[V]) gen(h uint64) *atomic.Uint64 { return &l.gens[h&uint64(len(l.gens)-1)] }
 
 // get returns the key's entry if it may be served: not expired, and filled
 // under a ticket that is still current. This is the hot path: two hashes,
