@@ -45,11 +45,23 @@ type pendingFill[V any] struct {
 func (b *fillBuffer[V]) get(h uint64, now int64) (*entry[V], bool, map[uint64]pendingFill[V]) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	e, ok := b.find(h)
+	return e, ok, b.due(now)
+}
+
+// lookup returns the pending fill of the key with hash h.
+func (b *fillBuffer[V]) lookup(h uint64) (*entry[V], bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.find(h)
+}
+
+func (b *fillBuffer[V]) find(h uint64) (*entry[V], bool) {
 	f, ok := b.cur[h]
 	if !ok {
 		f, ok = b.prev[h]
 	}
-	return f.e, ok, b.due(now)
+	return f.e, ok
 }
 
 // add adds a fill, replacing any pending fill of the same key, and returns

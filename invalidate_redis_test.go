@@ -516,23 +516,63 @@ func (p *latencyProbe) invalidated(string) {
 func TestInvalidationLatencyReport(t *testing.T) {
 	const trials = 400
 	ctx := context.Background()
-	a := newTestCache[string](t, realRedis(t), Options{})
-	b := newTestCache[string](t, realRedis(t), Options{Namespace: a.opts.Namespace})
-	probe := &latencyProbe{
-		read: func() (string, bool, error) { return getWithSource(b, "k") },
-		seen: make(chan probeRead, 1),
+	pct := func(d []time.Duration, p float64) time.Duration {
+		s := slices.Clone(d)
+		slices.Sort(s)
+		return s[min(len(s)-1, int(p*float64(len(s))))]
 	}
-	b.sub.add(b.remote.channel, probe)
-	t.Cleanup(func() { b.sub.remove(b.remote.channel, probe) })
-	if err := a.Set(ctx, "k", "0"); err != nil {
-		t.Fatal(err)
+	for _, mode := range []struct {
+		name   string
+		opts   Options // the writer's
+		fromL1 bool    // b returns the new value from L1, not Redis
+	}{
+		{"the value rides with the invalidation (default)", Options{}, true},
+		{"invalidation only (PublishValueMaxBytes -1)", Options{PublishValueMaxBytes: -1}, false},
+	} {
+		a := newTestCache[string](t, realRedis(t), mode.opts)
+		b := newTestCache[string](t, realRedis(t), Options{Namespace: a.opts.Namespace})
+		probe := &latencyProbe{
+			read: func() (string, bool, error) { return getWithSource(b, "k") },
+			seen: make(chan probeRead, 1),
+		}
+		b.sub.add(b.remote.channel, probe)
+		if err := a.Set(ctx, "k", "0"); err != nil {
+			t.Fatal(err)
+		}
+		<-probe.seen
+		mustHoldInL1(t, b, "k", "0")
+
+		var visible, applied, read, setRTT []time.Duration
+		for i := 1; i <= trials; i++ {
+			want := strconv.Itoa(i)
+			start := time.Now()
+			if err := a.Set(ctx, "k", want); err != nil {
+				t.Fatal(err)
+			}
+			setRTT = append(setRTT, time.Since(start))
+			r := <-probe.seen
+			if r.err != nil || r.v != want || r.fromL1 != mode.fromL1 {
+				t.Fatalf("%s: b's Get after the invalidation = %q (from L1: %v), %v; want %q (from L1: %v)",
+					mode.name, r.v, r.fromL1, r.err, want, mode.fromL1)
+			}
+			visible = append(visible, r.returned.Sub(start))
+			applied = append(applied, r.applied.Sub(start))
+			read = append(read, r.returned.Sub(r.applied))
+			mustHoldInL1(t, b, "k", want) // b holds the new value for the next trial
+		}
+		b.sub.remove(b.remote.channel, probe)
+		t.Logf("%s, %d trials: Set start -> other instance returns the new value: p50 %v, p90 %v, p99 %v, max %v",
+			mode.name, trials, pct(visible, .5), pct(visible, .9), pct(visible, .99), pct(visible, 1))
+		t.Logf("  Set start -> other instance has applied the message: p50 %v, p99 %v", pct(applied, .5), pct(applied, .99))
+		t.Logf("  then b's Get (from L1: %v): p50 %v, p99 %v", mode.fromL1, pct(read, .5), pct(read, .99))
+		t.Logf("  Set round trip (script: SET + PUBLISH): p50 %v, p99 %v", pct(setRTT, .5), pct(setRTT, .99))
 	}
-	<-probe.seen
-	mustHoldInL1(t, b, "k", "0")
 
 	// The floor: a raw subscriber that GETs a key on every message.
 	rawPub, rawSub := realRedis(t), realRedis(t)
-	rawChannel, rawKey := "tiered:latency:"+a.opts.Namespace, a.opts.Namespace+":raw"
+	ns := uniqueNamespace(t)
+	rawChannel, rawKey := "tiered:latency:"+ns, ns+":raw"
+	t.Cleanup(func() { rawPub.Del(context.Background(), rawKey) })
 	ps := rawSub.Subscribe(ctx, rawChannel)
 	t.Cleanup(func() { _ = ps.Close() })
 	if _, err := ps.Receive(ctx); err != nil {
@@ -550,26 +590,11 @@ func TestInvalidationLatencyReport(t *testing.T) {
 			rawSeenCh <- rawSeen{received, time.Now()}
 		}
 	}()
-
-	var visible, applied, miss, setRTT, floor, floorRecv, floorGet []time.Duration
+	var floor, floorRecv, floorGet []time.Duration
 	for i := 1; i <= trials; i++ {
 		want := strconv.Itoa(i)
 		start := time.Now()
-		if err := a.Set(ctx, "k", want); err != nil {
-			t.Fatal(err)
-		}
-		setRTT = append(setRTT, time.Since(start))
-		r := <-probe.seen
-		if r.err != nil || r.v != want || r.fromL1 {
-			t.Fatalf("b's Get after the invalidation = %q (from L1: %v), %v; want %q from Redis", r.v, r.fromL1, r.err, want)
-		}
-		visible = append(visible, r.returned.Sub(start))
-		applied = append(applied, r.applied.Sub(start))
-		miss = append(miss, r.returned.Sub(r.applied))
-		mustHoldInL1(t, b, "k", want) // b holds the new value for the next trial
-
-		start = time.Now()
-		if err := writeScript.Run(ctx, rawPub, []string{rawKey}, want, 60_000, rawChannel, want).Err(); err != nil {
+		if err := writeScript.Run(ctx, rawPub, []string{rawKey}, want, 60_000, rawChannel, want, "0").Err(); err != nil {
 			t.Fatal(err)
 		}
 		raw := <-rawSeenCh
@@ -577,18 +602,7 @@ func TestInvalidationLatencyReport(t *testing.T) {
 		floorRecv = append(floorRecv, raw.received.Sub(start))
 		floorGet = append(floorGet, raw.got.Sub(raw.received))
 	}
-	pct := func(d []time.Duration, p float64) time.Duration {
-		s := slices.Clone(d)
-		slices.Sort(s)
-		return s[min(len(s)-1, int(p*float64(len(s))))]
-	}
-	t.Logf("invalidation latency over %d trials, Set start -> other instance returns the new value: p50 %v, p90 %v, p99 %v, max %v",
-		trials, pct(visible, .5), pct(visible, .9), pct(visible, .99), pct(visible, 1))
-	t.Logf("  Set start -> other instance has dropped the old value from L1: p50 %v, p99 %v",
-		pct(applied, .5), pct(applied, .99))
-	t.Logf("  then b's Get (L1 miss, Redis read): p50 %v, p99 %v", pct(miss, .5), pct(miss, .99))
-	t.Logf("  Set round trip (script: SET + PUBLISH): p50 %v, p99 %v", pct(setRTT, .5), pct(setRTT, .99))
-	t.Logf("  floor, bare go-redis: same script -> ReceiveMessage -> GET returns: p50 %v, p99 %v", pct(floor, .5), pct(floor, .99))
-	t.Logf("    script start -> message received: p50 %v, p99 %v", pct(floorRecv, .5), pct(floorRecv, .99))
-	t.Logf("    then the GET: p50 %v, p99 %v", pct(floorGet, .5), pct(floorGet, .99))
+	t.Logf("floor, bare go-redis: same script -> ReceiveMessage -> GET returns: p50 %v, p99 %v", pct(floor, .5), pct(floor, .99))
+	t.Logf("  script start -> message received: p50 %v, p99 %v", pct(floorRecv, .5), pct(floorRecv, .99))
+	t.Logf("  then the GET: p50 %v, p99 %v", pct(floorGet, .5), pct(floorGet, .99))
 }

@@ -201,9 +201,9 @@ func TestDeleteOfManyKeysSendsOneInvalidation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		origin, got, err := decodeInvalidation(msg.Payload)
-		if err != nil || origin != a.id || !slices.Equal(got, want) {
-			t.Errorf("message %d: origin %x, keys %q, %v; want origin %x (a), keys %q", i, origin, got, err, a.id, want)
+		m, err := decodeInvalidation(msg.Payload)
+		if err != nil || m.origin != a.id || !slices.Equal(m.keys, want) {
+			t.Errorf("message %d: origin %x, keys %q, %v; want origin %x (a), keys %q", i, m.origin, m.keys, err, a.id, want)
 		}
 	}
 }
@@ -467,5 +467,132 @@ func TestInvalidationsMakeFewOtherKeysMissInALargeL1(t *testing.T) {
 	// (with 4096 slots it would be ~24).
 	if misses := c.Stats().LocalMisses - before; misses > 12 {
 		t.Errorf("%d of %d keys missed L1 after %d deletes of other keys; want a few", misses, kept, deleted)
+	}
+}
+
+// ---- Values in invalidations ----
+
+func TestAnotherInstancesSetReplacesTheValueInL1(t *testing.T) {
+	ctx := context.Background()
+	cs := newInstances[coreUser](t, 2, miniredisDialer(t), Options{})
+	a, b := cs[0], cs[1]
+	if err := a.Set(ctx, "k", coreUser{ID: 1, Name: "old"}); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 1)
+	mustHoldInL1(t, b, "k", coreUser{ID: 1, Name: "old"})
+
+	before := b.Stats()
+	if err := a.Set(ctx, "k", coreUser{ID: 1, Name: "new"}); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, before.InvalidationsReceived+1)
+	v, fromL1, err := getWithSource(b, "k")
+	if err != nil || v != (coreUser{ID: 1, Name: "new"}) || !fromL1 {
+		t.Fatalf("b's Get after a's Set = %v (from L1: %v), %v; want the new value from L1", v, fromL1, err)
+	}
+	if s := b.Stats(); s.KeysReplaced != before.KeysReplaced+1 || s.RemoteHits != before.RemoteHits {
+		t.Errorf("KeysReplaced +%d, RemoteHits +%d; want +1, +0", s.KeysReplaced-before.KeysReplaced, s.RemoteHits-before.RemoteHits)
+	}
+}
+
+func TestAnotherInstancesSetOfAKeyNotInL1OnlyInvalidates(t *testing.T) {
+	ctx := context.Background()
+	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
+	a, b := cs[0], cs[1]
+	if err := a.Set(ctx, "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 1)
+	before := b.Stats()
+	v, fromL1, err := getWithSource(b, "k")
+	if err != nil || v != "v" || fromL1 {
+		t.Fatalf("b's Get = %q (from L1: %v), %v; want v from Redis", v, fromL1, err)
+	}
+	if s := b.Stats(); s.KeysReplaced != 0 || s.RemoteHits != before.RemoteHits+1 {
+		t.Errorf("KeysReplaced %d, RemoteHits +%d; want 0, +1", s.KeysReplaced, s.RemoteHits-before.RemoteHits)
+	}
+}
+
+func TestValuesAbovePublishValueMaxBytesAreOnlyInvalidated(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		max   int
+		value string
+	}{
+		{"larger than the limit", 8, "nine byte"},
+		{"sending values disabled", -1, "v2"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			dial := miniredisDialer(t)
+			a := newTestCache[string](t, dial(), Options{PublishValueMaxBytes: tc.max})
+			b := newTestCache[string](t, dial(), Options{Namespace: a.opts.Namespace})
+			if err := a.Set(ctx, "k", "v1"); err != nil {
+				t.Fatal(err)
+			}
+			awaitReceived(t, b, 1)
+			mustHoldInL1(t, b, "k", "v1")
+			if err := a.Set(ctx, "k", tc.value); err != nil {
+				t.Fatal(err)
+			}
+			awaitReceived(t, b, 2)
+			v, fromL1, err := getWithSource(b, "k")
+			if err != nil || v != tc.value || fromL1 {
+				t.Fatalf("b's Get = %q (from L1: %v), %v; want %q from Redis", v, fromL1, err, tc.value)
+			}
+			if s := b.Stats(); s.KeysReplaced != 0 {
+				t.Errorf("KeysReplaced = %d, want 0", s.KeysReplaced)
+			}
+		})
+	}
+}
+
+// A message whose value does not decode still invalidates: the key is
+// read from Redis next.
+func TestUndecodableValueInAnInvalidationDropsTheKey(t *testing.T) {
+	ctx := context.Background()
+	dial := miniredisDialer(t)
+	cs := newInstances[coreUser](t, 2, dial, Options{})
+	a, b := cs[0], cs[1]
+	if err := a.Set(ctx, "k", coreUser{ID: 1, Name: "v"}); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 1)
+	mustHoldInL1(t, b, "k", coreUser{ID: 1, Name: "v"})
+	before := b.Stats()
+	msg := append(encodeValueHeader(12345, "k"), encodeEnvelope(kindValue, time.Now().Add(time.Hour).UnixNano(), []byte("{not json"))...)
+	if err := dial().Publish(ctx, b.remote.channel, msg).Err(); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, before.InvalidationsReceived+1)
+	v, fromL1, err := getWithSource(b, "k")
+	if err != nil || v != (coreUser{ID: 1, Name: "v"}) || fromL1 {
+		t.Fatalf("b's Get = %v (from L1: %v), %v; want the value in Redis, read from Redis", v, fromL1, err)
+	}
+	if s := b.Stats(); s.CorruptValues != before.CorruptValues+1 || s.KeysReplaced != before.KeysReplaced {
+		t.Errorf("CorruptValues +%d, KeysReplaced +%d; want +1, +0", s.CorruptValues-before.CorruptValues, s.KeysReplaced-before.KeysReplaced)
+	}
+}
+
+func TestInvalidationMessagesRoundTripAndRejectGarbage(t *testing.T) {
+	m, err := decodeInvalidation(string(encodeInvalidation(7, "a", "", "ccc")))
+	if err != nil || m.origin != 7 || !slices.Equal(m.keys, []string{"a", "", "ccc"}) || m.envelope != "" {
+		t.Errorf("keys message decoded as %+v, %v", m, err)
+	}
+	m, err = decodeInvalidation(string(encodeValueHeader(9, "key")) + "envelope")
+	if err != nil || m.origin != 9 || !slices.Equal(m.keys, []string{"key"}) || m.envelope != "envelope" {
+		t.Errorf("value message decoded as %+v, %v", m, err)
+	}
+	for _, bad := range []string{
+		"",
+		"k1234567",                               // too short for an origin
+		"x12345678",                              // unknown kind
+		string(encodeInvalidation(1)) + "\x05ab", // key longer than the rest
+		string(encodeValueHeader(1, "key")),      // no envelope
+	} {
+		if _, err := decodeInvalidation(bad); err == nil {
+			t.Errorf("decodeInvalidation(%q) accepted garbage", bad)
+		}
 	}
 }

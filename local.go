@@ -248,6 +248,31 @@ func (l *local[V]) invalidate(key string) {
 	}
 }
 
+// replace makes every entry of key unservable, like invalidate, and
+// returns the ticket under which the value replacing them may be stored.
+// The old entry's memory is left to the replacement.
+func (l *local[V]) replace(key string) ticket {
+	h := l.hash(key)
+	l.gen(h).Add(1)
+	l.fills.drop(h)
+	return l.begin(key)
+}
+
+// holds reports whether L1 has an entry for key, servable or not.
+func (l *local[V]) holds(key string) bool {
+	h, check := l.hash(key), l.check(key)
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if l.closed {
+		return false
+	}
+	if e, ok := l.store.Get(h); ok && e.check == check {
+		return true
+	}
+	e, ok := l.fills.lookup(h)
+	return ok && e.check == check
+}
+
 // invalidateAll makes every entry unservable. Memory is reclaimed as the
 // entries are evicted or replaced.
 func (l *local[V]) invalidateAll() {

@@ -63,6 +63,16 @@ type Options struct {
 	// the first Cache created on the client.
 	HeartbeatInterval time.Duration
 
+	// PublishValueMaxBytes lets Set send values of up to this many bytes
+	// (encoded) with their invalidation. Every other instance that holds
+	// the key in L1 then replaces it with the new value at once, instead of
+	// dropping it and reading Redis on its next read; one that does not
+	// hold it ignores the value. Larger values are only invalidated. Each
+	// value sent reaches every subscribed instance: lower this if many
+	// instances share a Namespace and writes are frequent. Default 4 KiB;
+	// negative sends no values.
+	PublishValueMaxBytes int
+
 	// WaitReplicas, if positive, makes Set and Delete wait until that many
 	// replicas of the master acknowledge the write (Redis WAIT, sent in the
 	// same pipeline as the write), so that a failover right after does not
@@ -98,6 +108,7 @@ const (
 	defaultLoadTimeout       = 10 * time.Second
 	defaultHeartbeatInterval = 500 * time.Millisecond
 	defaultWaitTimeout       = time.Second
+	defaultPublishValueMax   = 4 << 10
 )
 
 // withDefaults validates o and fills in its defaults.
@@ -134,6 +145,12 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.HeartbeatInterval == 0 {
 		o.HeartbeatInterval = defaultHeartbeatInterval
+	}
+	switch {
+	case o.PublishValueMaxBytes == 0:
+		o.PublishValueMaxBytes = defaultPublishValueMax
+	case o.PublishValueMaxBytes < 0:
+		o.PublishValueMaxBytes = 0
 	}
 	if cc, ok := o.Redis.(*redis.ClusterClient); ok {
 		if co := cc.Options(); co.ReadOnly || co.RouteByLatency || co.RouteRandomly {

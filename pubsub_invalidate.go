@@ -426,14 +426,22 @@ func (s *subscriber) heartbeat() {
 	}
 }
 
-// An invalidation message is the sending Cache's 8-byte id followed by each
-// key as a uvarint length and its bytes.
+// An invalidation message is a kind byte and the sending Cache's 8-byte id,
+// followed, for msgKeys, by each key as a uvarint length and its bytes, or,
+// for msgValue, by one key so written and then, to the end, the key's new
+// envelope as stored in Redis.
+const (
+	msgKeys  = 'k'
+	msgValue = 'v'
+)
+
+// encodeInvalidation returns a msgKeys message naming keys.
 func encodeInvalidation(origin uint64, keys ...string) []byte {
-	n := 8
+	n := 9
 	for _, k := range keys {
 		n += binary.MaxVarintLen64 + len(k)
 	}
-	b := binary.BigEndian.AppendUint64(make([]byte, 0, n), origin)
+	b := binary.BigEndian.AppendUint64(append(make([]byte, 0, n), msgKeys), origin)
 	for _, k := range keys {
 		b = binary.AppendUvarint(b, uint64(len(k)))
 		b = append(b, k...)
@@ -441,21 +449,43 @@ func encodeInvalidation(origin uint64, keys ...string) []byte {
 	return b
 }
 
+// encodeValueHeader returns a msgValue message for key without its
+// envelope, which the write script appends.
+func encodeValueHeader(origin uint64, key string) []byte {
+	b := binary.BigEndian.AppendUint64(append(make([]byte, 0, 9+binary.MaxVarintLen64+len(key)), msgValue), origin)
+	b = binary.AppendUvarint(b, uint64(len(key)))
+	return append(b, key...)
+}
+
 var errBadInvalidation = errors.New("tiered: malformed invalidation message")
 
-// decodeInvalidation parses p; keys alias p.
-func decodeInvalidation(p string) (origin uint64, keys []string, err error) {
-	if len(p) < 8 {
-		return 0, nil, errBadInvalidation
+// invalidation is a decoded invalidation message. Its strings alias the
+// message.
+type invalidation struct {
+	origin   uint64
+	keys     []string
+	envelope string // msgValue: the new envelope of keys[0]
+}
+
+func decodeInvalidation(p string) (m invalidation, err error) {
+	if len(p) < 9 || p[0] != msgKeys && p[0] != msgValue {
+		return m, errBadInvalidation
 	}
-	origin = binary.BigEndian.Uint64([]byte(p[:8]))
-	for rest := p[8:]; len(rest) > 0; {
+	m.origin = binary.BigEndian.Uint64([]byte(p[1:9]))
+	for rest := p[9:]; len(rest) > 0; {
 		n, w := binary.Uvarint([]byte(rest[:min(len(rest), binary.MaxVarintLen64)]))
 		if w <= 0 || n > uint64(len(rest)-w) {
-			return 0, nil, errBadInvalidation
+			return m, errBadInvalidation
 		}
-		keys = append(keys, rest[w:w+int(n)])
+		m.keys = append(m.keys, rest[w:w+int(n)])
 		rest = rest[w+int(n):]
+		if p[0] == msgValue {
+			m.envelope = rest
+			break
+		}
 	}
-	return origin, keys, nil
+	if p[0] == msgValue && (len(m.keys) != 1 || m.envelope == "") {
+		return m, errBadInvalidation
+	}
+	return m, nil
 }

@@ -12,10 +12,14 @@ import (
 
 // writeScript stores a value and publishes its invalidation in one round
 // trip, atomically: no instance can see the new value in Redis while its
-// invalidation is still unsent, and a write cannot land without one.
+// invalidation is still unsent, and a write cannot land without one. If
+// ARGV[5] is "1", the value is appended to the message (see msgValue), so
+// that it crosses the network once on its way in.
 var writeScript = redis.NewScript(`
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+local msg = ARGV[4]
+if ARGV[5] == '1' then msg = msg .. ARGV[1] end
+redis.call('PUBLISH', ARGV[3], msg)
 return 1`)
 
 // deleteScript deletes keys (all in one slot on a cluster) and publishes one
@@ -64,15 +68,19 @@ func (r *remote) get(ctx context.Context, key string) (b []byte, found bool, err
 }
 
 // write stores val under key for ttl and publishes msg on the invalidation
-// channel, atomically.
-func (r *remote) write(ctx context.Context, key string, val []byte, ttl time.Duration, msg []byte) error {
+// channel, atomically; with appendVal, msg followed by val.
+func (r *remote) write(ctx context.Context, key string, val []byte, ttl time.Duration, msg []byte, appendVal bool) error {
 	if err := r.breaker.allow(); err != nil {
 		return err
 	}
-	if r.waitReplicas > 0 {
-		return r.waited(ctx, []scriptCall{{writeScript, []string{r.key(key)}, []any{val, ttl.Milliseconds(), r.channel, msg}}})
+	args := []any{val, ttl.Milliseconds(), r.channel, msg, "0"}
+	if appendVal {
+		args[4] = "1"
 	}
-	err := writeScript.Run(ctx, r.client, []string{r.key(key)}, val, ttl.Milliseconds(), r.channel, msg).Err()
+	if r.waitReplicas > 0 {
+		return r.waited(ctx, []scriptCall{{writeScript, []string{r.key(key)}, args}})
+	}
+	err := writeScript.Run(ctx, r.client, []string{r.key(key)}, args...).Err()
 	return r.check(ctx, err)
 }
 

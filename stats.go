@@ -23,6 +23,7 @@ type Stats struct {
 	InvalidationsPublished uint64 // invalidation messages this Cache sent (Set, Delete)
 	InvalidationsReceived  uint64 // invalidation messages from other instances applied to L1
 	KeysInvalidated        uint64 // keys dropped from L1 by received invalidations
+	KeysReplaced           uint64 // of those, keys L1 held whose new value came with the invalidation and replaced the old one
 
 	// The counters below belong to the subscription this Cache shares with
 	// the other Caches on its Redis client, and read the same in all of them.
@@ -39,5 +40,5 @@ type counters struct {
 	loadPanics, remoteErrors        atomic.Uint64
 	corrupt, encodeErrors, tooLarge atomic.Uint64
 	published, received, keysInval  atomic.Uint64
-	bypassed, shared                atomic.Uint64
+	bypassed, shared, keysReplaced  atomic.Uint64
 }

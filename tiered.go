@@ -11,7 +11,8 @@
 // Redis still has no value, so a concurrent Set wins), then fills L1. A
 // write (Set, Delete) changes Redis and publishes an invalidation in one
 // atomic script; every other instance drops the key from its L1 when the
-// message arrives. Each L1 entry remembers the key's generation and the
+// message arrives, or, if a Set's small value came with it, replaces it
+// with the new value. Each L1 entry remembers the key's generation and the
 // subscription's epoch from when its fill began, and is served only while
 // both are unchanged, so a fill that raced an invalidation, or that
 // happened while messages could be lost, is never served. When Redis is
@@ -194,7 +195,12 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	}
 	expires, ttl := c.remoteExpiry(remoteTTL)
 	t, started := c.local.beginWrite(key)
-	err = c.remote.write(ctx, key, encodeEnvelope(kindValue, expires, b), ttl, encodeInvalidation(c.id, key))
+	env := encodeEnvelope(kindValue, expires, b)
+	msg, withValue := encodeInvalidation(c.id, key), false
+	if len(b) <= c.opts.PublishValueMaxBytes {
+		msg, withValue = encodeValueHeader(c.id, key), true
+	}
+	err = c.remote.write(ctx, key, env, ttl, msg, withValue)
 	t, ok := c.local.endWrite(t, started)
 	if err != nil {
 		c.local.invalidate(key)
@@ -257,6 +263,7 @@ func (c *Cache[V]) Stats() Stats {
 		InvalidationsPublished: s.published.Load(),
 		InvalidationsReceived:  s.received.Load(),
 		KeysInvalidated:        s.keysInval.Load(),
+		KeysReplaced:           s.keysReplaced.Load(),
 		SubscriptionGaps:       c.sub.gaps.Load(),
 		HeartbeatMisses:        c.sub.hbMisses.Load(),
 		Flushes:                c.sub.flushes.Load(),
@@ -459,20 +466,53 @@ func (c *Cache[V]) clusterChanged() { c.remote.breaker.record(nil) }
 
 // invalidated applies an invalidation message from our channel.
 func (c *Cache[V]) invalidated(payload string) {
-	origin, keys, err := decodeInvalidation(payload)
+	m, err := decodeInvalidation(payload)
 	if err != nil {
 		// Not ours: we cannot tell what it means, so assume the worst.
 		c.local.invalidateAll()
 		c.corruptLog.warn("tiered: malformed invalidation message; L1 flushed", "err", err)
 		return
 	}
-	if origin == c.id {
+	if m.origin == c.id {
 		return
 	}
-	for _, k := range keys {
-		c.local.invalidate(k)
+	if m.envelope != "" {
+		c.replace(m.keys[0], m.envelope)
+	} else {
+		for _, k := range m.keys {
+			c.local.invalidate(k)
+		}
 	}
 	// Counted once applied, so that a count seen means the keys are dropped.
 	c.stats.received.Add(1)
-	c.stats.keysInval.Add(uint64(len(keys)))
+	c.stats.keysInval.Add(uint64(len(m.keys)))
+}
+
+// replace applies another instance's Set of key whose message carried the
+// new envelope: if L1 holds key, the new value replaces the old one, which
+// spares the next read a trip to Redis; otherwise key is only invalidated
+// (decoding values nobody here reads would be wasted work).
+func (c *Cache[V]) replace(key, envelope string) {
+	if !c.local.holds(key) {
+		c.local.invalidate(key)
+		return
+	}
+	// Like an invalidation, the bump makes the old entry and fills racing
+	// this message unservable; the new value is stored under a ticket
+	// taken after it, so any later invalidation makes it unservable too.
+	t := c.local.replace(key)
+	var v V
+	kind, expires, payload, err := decodeEnvelope([]byte(envelope))
+	if err == nil && kind == kindValue {
+		v, err = c.codec.decode(payload)
+	}
+	if err != nil {
+		c.stats.corrupt.Add(1)
+		c.corruptLog.warn("tiered: value in invalidation message does not decode; dropped from L1",
+			"key", key, "err", err)
+		return
+	}
+	localTTL, _, _ := c.ttls(key, nil)
+	c.keep(key, t, v, kind == kindNotFound, len(payload), localTTL, expires, false, false)
+	c.stats.keysReplaced.Add(1)
 }
