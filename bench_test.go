@@ -182,7 +182,7 @@ func newBenchEnv(b *testing.B) *benchEnv {
 			deleteBenchNamespace(b, env.rdb, ns+"-byvalue")
 		})
 	}
-	opts := Options{Namespace: ns, RemoteTTL: 10 * time.Minute}
+	opts := Options{Namespace: ns, RemoteTTL: 10 * time.Minute, LocalTTL: 10 * time.Minute} // longer than a run
 	env.cache = newTestCache[*benchValue](b, env.rdb, opts)
 	env.loader = newTestCache[*benchValue](b, env.rdb, opts)
 	env.byValue = newTestCache[benchValue](b, env.rdb, Options{Namespace: ns + "-byvalue", RemoteTTL: opts.RemoteTTL})

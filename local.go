@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"github.com/dgraph-io/ristretto/v2"
 )
@@ -120,8 +121,8 @@ func (l *local[V]) gen(h uint64) *atomic.Uint64 { return &l.gens[h&uint64(len(l.
 
 // get returns the key's entry if it may be served: not expired, and filled
 // under a ticket that is still current. This is the hot path: two hashes,
-// one ristretto Get, three atomic loads, and two atomic adds on a
-// read-counter stripe that another core rarely writes at the same time.
+// one ristretto Get, three atomic loads, and two atomic adds on the calling
+// goroutine's read-counter stripe.
 // Only if ristretto has no servable entry does get look among the fills
 // not yet handed to it.
 //
@@ -131,7 +132,7 @@ func (l *local[V]) gen(h uint64) *atomic.Uint64 { return &l.gens[h&uint64(len(l.
 // and is a miss; one stored before was servable when they were loaded.
 func (l *local[V]) get(key string) (*entry[V], bool) {
 	h := l.hash(key)
-	r := &l.reads[h%readStripes]
+	r := l.reads.stripe()
 	r.entered.Add(1)
 	if !l.closing.Load() {
 		gen, epoch, now := l.gen(h).Load(), l.epoch.Load(), l.clock.now()
@@ -297,22 +298,35 @@ func (l *local[V]) close() {
 	}
 }
 
-// readStripes is the number of stripes of readCounters. With one shared
-// cache line, parallel hits on two cores bounce it and cost more than the
-// rest of the hit; with stripes picked by key hash, two cores share one
-// only when their keys land in the same of 64 stripes.
+// readStripes is the number of stripes of readCounters.
 const readStripes = 64
 
 // readCounters count L1 reads: how many began and how each ended. They are
-// Stats.LocalHits, and tell close when no read is inside ristretto. A
-// stripe's counters are updated by one read (one stripe for its begin and
-// end), and a stripe fills two cache lines so that the counters of two
-// stripes never share one, wherever the array starts.
-type readCounters [readStripes]struct {
+// Stats.LocalHits, and tell close when no read is inside ristretto. A read
+// counts itself in and out on one stripe, and a stripe fills two cache
+// lines so that the counters of two stripes never share one, wherever the
+// array starts.
+type readCounters [readStripes]readStripe
+
+type readStripe struct {
 	entered atomic.Uint64
 	hits    atomic.Uint64
 	misses  atomic.Uint64
 	_       [128 - 3*8]byte
+}
+
+// stripe returns the calling goroutine's stripe, picked by the address of
+// a local variable, that is by where the goroutine's stack is. A goroutine
+// thus keeps writing one stripe, whose cache line stays in the cache of the
+// core it runs on. Picked by key, every stripe would be written from every
+// core and its line would move between cores on about every other hit:
+// a parallel hit on 2 cores cost 90 ns that way, against 34 ns with no
+// counting at all. (The address is only a number here. A stack that moves
+// moves its goroutine to another stripe, which is harmless: the stripes are
+// only ever summed.)
+func (r *readCounters) stripe() *readStripe {
+	var onStack byte
+	return &r[uintptr(unsafe.Pointer(&onStack))>>10%readStripes]
 }
 
 func (r *readCounters) hitCount() uint64 {

@@ -58,8 +58,9 @@ type flightCall[V any] struct {
 }
 
 // flightRead is the leader's part of a flight. It returns the flight's
-// result, or a load to run detached whose result is the flight's.
-type flightRead[V any] func(ctx context.Context) (V, error, flightLoad[V])
+// result, or a load to run detached whose result is the flight's (and then
+// its value and error are ignored).
+type flightRead[V any] func(ctx context.Context) (V, flightLoad[V], error)
 
 type flightLoad[V any] func(ctx context.Context) (V, error)
 
@@ -97,7 +98,7 @@ func (f *flight[V]) do(ctx context.Context, key string, read flightRead[V]) (V, 
 func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read flightRead[V]) (V, error) {
 	var load flightLoad[V]
 	v, err := f.guard(func() (v V, err error) {
-		v, err, load = read(ctx)
+		v, load, err = read(ctx)
 		return v, err
 	})
 	switch {

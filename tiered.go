@@ -110,15 +110,15 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (V, error) {
 	}
 	c.missed()
 	localTTL, _, _ := c.ttls(key, nil)
-	return c.reads.do(ctx, key, func(ctx context.Context) (V, error, flightLoad[V]) {
+	return c.reads.do(ctx, key, func(ctx context.Context) (V, flightLoad[V], error) {
 		v, res, _, err := c.fetch(ctx, key, c.local.begin(key), localTTL)
 		switch res {
 		case fetchHit:
 			return v, nil, nil
 		case fetchFailed:
-			return v, err, nil
+			return v, nil, err
 		default:
-			return v, ErrNotFound, nil
+			return v, nil, ErrNotFound
 		}
 	})
 }
@@ -156,20 +156,20 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 		return zero, err
 	}
 	c.missed()
-	return c.loads.do(ctx, key, func(ctx context.Context) (V, error, flightLoad[V]) {
+	return c.loads.do(ctx, key, func(ctx context.Context) (V, flightLoad[V], error) {
 		t := c.local.begin(key)
 		v, res, held, err := c.fetch(ctx, key, t, localTTL)
 		switch {
 		case res == fetchHit:
 			return v, nil, nil
 		case res == fetchNotFound:
-			return v, ErrNotFound, nil
+			return v, nil, ErrNotFound
 		case res == fetchFailed && ctx.Err() != nil:
-			return v, err, nil // our caller gave up; not an outage
+			return v, nil, err // our caller gave up; not an outage
 		}
-		return zero, nil, func(ctx context.Context) (V, error) {
+		return zero, func(ctx context.Context) (V, error) {
 			return c.load(ctx, key, t, load, res, held, localTTL, remoteTTL)
-		}
+		}, nil
 	})
 }
 
