@@ -298,7 +298,7 @@ func (l *local[V]) close() {
 	}
 }
 
-// readStripes is the number of stripes of readCounters.
+// readStripes is the number of stripes of readCounters: 1<<6, see stripe.
 const readStripes = 64
 
 // readCounters count L1 reads: how many began and how each ended. They are
@@ -326,7 +326,11 @@ type readStripe struct {
 // only ever summed.)
 func (r *readCounters) stripe() *readStripe {
 	var onStack byte
-	return &r[uintptr(unsafe.Pointer(&onStack))>>10%readStripes]
+	// Stacks are power-of-two sized and aligned: a plain modulo would put
+	// goroutines whose stacks are 64 KiB apart on one stripe. Fibonacci
+	// hashing of the address's KiB spreads them.
+	kib := uint64(uintptr(unsafe.Pointer(&onStack)) >> 10)
+	return &r[kib*0x9E3779B97F4A7C15>>(64-6)]
 }
 
 func (r *readCounters) hitCount() uint64 {
