@@ -131,6 +131,11 @@ func (l *local[V]) gen(h uint64) *atomic.Uint64 { return &l.gens[h&uint64(len(l.
 // loads. An entry stored after them carries a newer generation (or epoch)
 // and is a miss; one stored before was servable when they were loaded.
 func (l *local[V]) get(key string) (*entry[V], bool) {
+	if l.closing.Load() {
+		// Uncounted, so that close's wait for the counted reads to end
+		// is not prolonged by reads that begin after it started.
+		return nil, false
+	}
 	h := l.hash(key)
 	r := l.reads.stripe()
 	r.entered.Add(1)
