@@ -17,9 +17,10 @@ const clockTick = time.Millisecond
 // entries carry their own expiry instead of using ristretto's TTL, whose Get
 // calls time.Now.)
 type clock struct {
-	nanos atomic.Int64 // time.Now().UnixNano() as of the last tick
-	stop  chan struct{}
-	done  sync.WaitGroup
+	nanos  atomic.Int64           // time.Now().UnixNano() as of the last tick
+	onTick atomic.Pointer[func()] // if set, called after every tick
+	stop   chan struct{}
+	done   sync.WaitGroup
 }
 
 func newClock() *clock {
@@ -45,6 +46,9 @@ func (c *clock) run() {
 		select {
 		case now := <-t.C:
 			c.nanos.Store(now.UnixNano())
+			if f := c.onTick.Load(); f != nil {
+				(*f)()
+			}
 		case <-c.stop:
 			return
 		}

@@ -17,7 +17,8 @@ const (
 // into ristretto. ristretto's Set queues the item on a channel, which wakes
 // ristretto's goroutine; on a 2-vCPU VM that costs the filling caller
 // microseconds, about a tenth of a Redis round trip. Handing fills over in
-// batches pays it once a batch, on whichever call finds the batch due.
+// batches pays it once a batch, mostly on the clock's goroutine (see
+// local.handDue), else on whichever call finds the batch due.
 //
 // A fill is served from here until its batch is handed over, and for one
 // more batch while ristretto applies it: a read that ristretto cannot
@@ -77,6 +78,13 @@ func (b *fillBuffer[V]) add(h uint64, f pendingFill[V], now int64) map[uint64]pe
 	}
 	b.bytes += f.cost - b.cur[h].cost
 	b.cur[h] = f
+	return b.due(now)
+}
+
+// take returns the batch to hand to ristretto if one is due.
+func (b *fillBuffer[V]) take(now int64) map[uint64]pendingFill[V] {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	return b.due(now)
 }
 

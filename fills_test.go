@@ -63,6 +63,18 @@ func TestFillsReachRistrettoOnTheFirstCallAfterFillDelay(t *testing.T) {
 	coreWant(t, "GetOrLoad after two hand-overs", got, err, "v")
 }
 
+// The clock's goroutine, awake every millisecond anyway, hands over due
+// fills: no caller has to come by for them to reach ristretto.
+func TestTheClockHandsDueFillsToRistretto(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMiniredis(t)
+	c := newCoreCache[string](t, rdb, Options{})
+	if _, err := c.GetOrLoad(ctx, "k", coreLoadString("v")); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "the fill to reach ristretto", func() bool { return inRistretto(c, "k") })
+}
+
 func TestAFullBatchOfFillsReachesRistrettoAtOnce(t *testing.T) {
 	ctx := context.Background()
 	_, rdb := newMiniredis(t)

@@ -521,7 +521,7 @@ func TestValuesAbovePublishValueMaxBytesAreOnlyInvalidated(t *testing.T) {
 		value string
 	}{
 		{"larger than the limit", 8, "nine byte"},
-		{"sending values disabled", -1, "v2"},
+		{"sending values disabled, even empty ones", -1, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
@@ -594,5 +594,36 @@ func TestInvalidationMessagesRoundTripAndRejectGarbage(t *testing.T) {
 		if _, err := decodeInvalidation(bad); err == nil {
 			t.Errorf("decodeInvalidation(%q) accepted garbage", bad)
 		}
+	}
+}
+
+// A message can reach an instance after that instance's own later write of
+// the key (its subscription lags its command connection). The value it
+// carries is then older than Redis's and must not replace the own write.
+func TestALateMessageDoesNotReplaceALaterOwnWrite(t *testing.T) {
+	ctx := context.Background()
+	mr, _ := newMiniredis(t)
+	proxy := startProxy(t, mr.Addr())
+	rdbA := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	rdbB := redis.NewClient(&redis.Options{Addr: proxy.Addr})
+	t.Cleanup(func() { _ = rdbA.Close(); _ = rdbB.Close() })
+	a := newTestCache[string](t, rdbA, Options{})
+	b := newTestCache[string](t, rdbB, Options{Namespace: a.opts.Namespace})
+	if err := b.Set(ctx, "k", "v0"); err != nil {
+		t.Fatal(err)
+	}
+	proxy.StallSubscribers() // b's subscription lags, briefly: no gap
+	if err := a.Set(ctx, "k", "vA"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Set(ctx, "k", "vB"); err != nil { // after a's in Redis
+		t.Fatal(err)
+	}
+	before := b.Stats()
+	proxy.Resume()
+	awaitReceived(t, b, before.InvalidationsReceived+1) // a's message, carrying vA
+	mustGet(t, b, "k", "vB")
+	if s := b.Stats(); s.KeysReplaced != before.KeysReplaced {
+		t.Errorf("KeysReplaced +%d; want +0", s.KeysReplaced-before.KeysReplaced)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/dgraph-io/ristretto/v2"
@@ -77,6 +78,7 @@ type local[V any] struct {
 	gens  []atomic.Uint64 // a power of two long
 	reads readCounters
 	fills fillBuffer[V]
+	own   [ownSlots]atomic.Int64 // clock time of this instance's last write of a key, by slot
 
 	// ristretto panics when Set or Del race Close; writers hold mu for
 	// reading and Close takes it for writing.
@@ -107,9 +109,11 @@ func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V
 	}
 	l := &local[V]{store: store, clock: clk, epoch: epoch, gens: make([]atomic.Uint64, genSlots(maxBytes))}
 	l.seed = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
-	// Fills waiting for ristretto are not in its cost: keep them to a
-	// sixteenth of it.
+	// Fills waiting for ristretto are not in its cost: keep them, and the
+	// batch handed over last, to an eighth of it.
 	l.fills.limit = maxBytes / 16
+	handDue := l.handDue
+	clk.onTick.Store(&handDue)
 	return l, nil
 }
 
@@ -121,7 +125,7 @@ func (l *local[V]) gen(h uint64) *atomic.Uint64 { return &l.gens[h&uint64(len(l.
 
 // get returns the key's entry if it may be served: not expired, and filled
 // under a ticket that is still current. This is the hot path: two hashes,
-// one ristretto Get, three atomic loads, and two atomic adds on the calling
+// one ristretto Get, four atomic loads, and two atomic adds on the calling
 // goroutine's read-counter stripe.
 // Only if ristretto has no servable entry does get look among the fills
 // not yet handed to it.
@@ -226,6 +230,16 @@ func (l *local[V]) set(t ticket, e *entry[V], cost int64, wait bool) {
 	}
 }
 
+// handDue hands the pending fills to ristretto if they are due. The clock
+// calls it after every tick, so that a batch is mostly handed over (and
+// ristretto's goroutine woken) by a goroutine that is awake anyway, rather
+// than by a caller waiting for its value.
+func (l *local[V]) handDue() {
+	if batch := l.fills.take(l.clock.now()); batch != nil {
+		l.hand(batch)
+	}
+}
+
 // hand gives a batch of fills to ristretto. Fills that are no longer
 // servable are left out.
 func (l *local[V]) hand(batch map[uint64]pendingFill[V]) {
@@ -279,6 +293,21 @@ func (l *local[V]) holds(key string) bool {
 	return ok && e.check == check
 }
 
+// ownSlots is the size of the table of own-write times. Keys share a slot
+// by hash; a collision only costs a replacement (see wroteWithin).
+const ownSlots = 4096
+
+// wrote records that this instance has just written key (Set or Delete).
+func (l *local[V]) wrote(key string) {
+	l.own[l.hash(key)%ownSlots].Store(l.clock.now())
+}
+
+// wroteWithin reports whether this instance wrote key (or a key sharing its
+// slot) within the last d.
+func (l *local[V]) wroteWithin(key string, d time.Duration) bool {
+	return l.clock.now()-l.own[l.hash(key)%ownSlots].Load() < int64(d)
+}
+
 // invalidateAll makes every entry unservable. Memory is reclaimed as the
 // entries are evicted or replaced.
 func (l *local[V]) invalidateAll() {
@@ -291,9 +320,14 @@ func (l *local[V]) close() {
 	l.closing.Store(true)
 	// A get that did not see closing may be inside ristretto's Get, which
 	// must not race Close; wait until it is out. It is out within
-	// nanoseconds unless it was descheduled, so yield rather than sleep.
-	for !l.reads.quiet() {
-		runtime.Gosched()
+	// nanoseconds unless it was descheduled; then it needs a CPU, and
+	// spinning would only take one from it.
+	for spins := 0; !l.reads.quiet(); spins++ {
+		if spins < 100 {
+			runtime.Gosched()
+		} else {
+			time.Sleep(100 * time.Microsecond)
+		}
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()

@@ -150,7 +150,7 @@ func (o Options) withDefaults() (Options, error) {
 	case o.PublishValueMaxBytes == 0:
 		o.PublishValueMaxBytes = defaultPublishValueMax
 	case o.PublishValueMaxBytes < 0:
-		o.PublishValueMaxBytes = 0
+		o.PublishValueMaxBytes = -1 // not even empty values
 	}
 	if cc, ok := o.Redis.(*redis.ClusterClient); ok {
 		if co := cc.Options(); co.ReadOnly || co.RouteByLatency || co.RouteRandomly {

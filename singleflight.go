@@ -2,6 +2,7 @@ package tiered
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime/debug"
 	"sync"
@@ -36,8 +37,9 @@ import (
 //	A: ends the flight as abandoned, returns context.Canceled
 //	B: sees the flight abandoned and starts over: it leads (or joins C's)
 //
-// So a flight whose read failed while its leader's context was done is
-// abandoned, not answered.
+// So a flight whose read failed with its leader's own context error is
+// abandoned, not answered. (Any other answer, such as ErrNotFound, is
+// shared even if the leader's context ended meanwhile.)
 type flight[V any] struct {
 	timeout time.Duration   // of a load
 	onPanic func(err error) // counts and logs; called once per panic
@@ -119,9 +121,9 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 			var zero V
 			return zero, ctx.Err()
 		}
-	case err != nil && ctx.Err() != nil:
+	case err != nil && errors.Is(err, ctx.Err()):
 		f.finish(key, c, v, err, true)
-		return v, ctx.Err()
+		return v, err
 	default:
 		f.finish(key, c, v, err, false)
 		return v, err

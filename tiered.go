@@ -44,6 +44,11 @@ type Cache[V any] struct {
 	loads  flight[V] // GetOrLoad
 	stats  counters
 
+	// ownWriteWindow bounds how late, after an own write, a message
+	// published before it can arrive: later, the subscription would have
+	// been declared dead (3 heartbeat intervals without a heartbeat).
+	ownWriteWindow time.Duration
+
 	ready  atomic.Bool // our channel's subscription is confirmed
 	closed atomic.Bool
 
@@ -85,6 +90,7 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 	c.reads = flight[V]{onPanic: c.panicked, shared: &c.stats.shared}
 	c.loads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, shared: &c.stats.shared}
 	c.sub = acquireSubscriber(opts.Redis, opts.HeartbeatInterval, opts.Logger)
+	c.ownWriteWindow = 4 * c.sub.interval
 	c.local, err = newLocal[V](opts.LocalMaxBytes, clk, &c.sub.epoch)
 	if err != nil {
 		c.sub.release()
@@ -202,6 +208,7 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	}
 	err = c.remote.write(ctx, key, env, ttl, msg, withValue)
 	t, ok := c.local.endWrite(t, started)
+	c.local.wrote(key)
 	if err != nil {
 		c.local.invalidate(key)
 		c.remoteFailed(err)
@@ -235,6 +242,7 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 	sent, err := c.remote.del(ctx, keys, func(ks []string) []byte { return encodeInvalidation(c.id, ks...) })
 	for _, k := range keys {
 		c.local.invalidate(k)
+		c.local.wrote(k)
 	}
 	if err != nil {
 		c.remoteFailed(err)
@@ -492,8 +500,20 @@ func (c *Cache[V]) invalidated(payload string) {
 // new envelope: if L1 holds key, the new value replaces the old one, which
 // spares the next read a trip to Redis; otherwise key is only invalidated
 // (decoding values nobody here reads would be wasted work).
+//
+// Messages arrive in the order Redis ran the writes, but this instance's
+// own writes do not wait for theirs, so a message can be older than what
+// this instance wrote:
+//
+//	A: Set(k, vA): Redis stores vA, publishes mA
+//	B: Set(k, vB): Redis stores vB, publishes mB; B keeps vB in L1
+//	B: receives mA (its subscription lags its command connection)
+//
+// Replacing vB with vA would serve vA until L1's TTL. So after its own
+// write of key, for as long as a healthy subscription can take to deliver
+// a message (ownWriteWindow), an instance only invalidates key.
 func (c *Cache[V]) replace(key, envelope string) {
-	if !c.local.holds(key) {
+	if !c.local.holds(key) || c.local.wroteWithin(key, c.ownWriteWindow) {
 		c.local.invalidate(key)
 		return
 	}
