@@ -253,6 +253,18 @@ func holdNextGet(rdb *redis.Client) *blockNextGet {
 	return b
 }
 
+// proxiedClients returns two clients on one miniredis: rdbA directly,
+// rdbB through proxy, which can stall or kill rdbB's connections.
+func proxiedClients(t *testing.T) (proxy *tcpProxy, rdbA, rdbB *redis.Client) {
+	t.Helper()
+	mr, _ := newMiniredis(t)
+	proxy = startProxy(t, mr.Addr())
+	rdbA = redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	rdbB = redis.NewClient(&redis.Options{Addr: proxy.Addr})
+	t.Cleanup(func() { _ = rdbA.Close(); _ = rdbB.Close() })
+	return proxy, rdbA, rdbB
+}
+
 // flushL1Buffer makes ristretto apply the Sets it has buffered, so that a
 // stale fill, if it was stored, is visible to the next Get (a fill still in
 // L1's own fill buffer already is). Without it a test could pass only
@@ -360,11 +372,7 @@ func TestFillAcrossASubscriptionGapIsNotServedAfterHeal(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
-			mr, _ := newMiniredis(t)
-			proxy := startProxy(t, mr.Addr())
-			rdbA := redis.NewClient(&redis.Options{Addr: mr.Addr()})
-			rdbB := redis.NewClient(&redis.Options{Addr: proxy.Addr})
-			t.Cleanup(func() { _ = rdbA.Close(); _ = rdbB.Close() })
+			proxy, rdbA, rdbB := proxiedClients(t)
 			hold := holdNextGet(rdbB)
 			a := newTestCache[string](t, rdbA, Options{})
 			b := newTestCache[string](t, rdbB, Options{Namespace: a.opts.Namespace})
@@ -602,11 +610,7 @@ func TestInvalidationMessagesRoundTripAndRejectGarbage(t *testing.T) {
 // carries is then older than Redis's and must not replace the own write.
 func TestALateMessageDoesNotReplaceALaterOwnWrite(t *testing.T) {
 	ctx := context.Background()
-	mr, _ := newMiniredis(t)
-	proxy := startProxy(t, mr.Addr())
-	rdbA := redis.NewClient(&redis.Options{Addr: mr.Addr()})
-	rdbB := redis.NewClient(&redis.Options{Addr: proxy.Addr})
-	t.Cleanup(func() { _ = rdbA.Close(); _ = rdbB.Close() })
+	proxy, rdbA, rdbB := proxiedClients(t)
 	a := newTestCache[string](t, rdbA, Options{})
 	b := newTestCache[string](t, rdbB, Options{Namespace: a.opts.Namespace})
 	if err := b.Set(ctx, "k", "v0"); err != nil {
