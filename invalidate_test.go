@@ -631,3 +631,29 @@ func TestALateMessageDoesNotReplaceALaterOwnWrite(t *testing.T) {
 		t.Errorf("KeysReplaced +%d; want +0", s.KeysReplaced-before.KeysReplaced)
 	}
 }
+
+// Once an instance's own write has come back through its subscription, no
+// older message can follow it, and other instances' values replace the key
+// again at once.
+func TestValuesReplaceAgainOnceTheOwnWriteHasComeBack(t *testing.T) {
+	ctx := context.Background()
+	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
+	a, b := cs[0], cs[1]
+	if err := b.Set(ctx, "k", "mine"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, invWait, "b's own message to come back", func() bool { return !b.local.unechoed("k", time.Hour) })
+	mustHoldInL1(t, b, "k", "mine")
+	before := b.Stats()
+	if err := a.Set(ctx, "k", "theirs"); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, before.InvalidationsReceived+1)
+	v, fromL1, err := getWithSource(b, "k")
+	if err != nil || v != "theirs" || !fromL1 {
+		t.Fatalf("b's Get = %q (from L1: %v), %v; want theirs from L1", v, fromL1, err)
+	}
+	if s := b.Stats(); s.KeysReplaced != before.KeysReplaced+1 {
+		t.Errorf("KeysReplaced +%d; want +1", s.KeysReplaced-before.KeysReplaced)
+	}
+}

@@ -78,7 +78,7 @@ type local[V any] struct {
 	gens  []atomic.Uint64 // a power of two long
 	reads readCounters
 	fills fillBuffer[V]
-	own   [ownSlots]atomic.Int64 // clock time of this instance's last write of a key, by slot
+	own   [ownSlots]ownWrites // this instance's writes whose messages have not come back, by slot
 
 	// ristretto panics when Set or Del race Close; writers hold mu for
 	// reading and Close takes it for writing.
@@ -293,19 +293,42 @@ func (l *local[V]) holds(key string) bool {
 	return ok && e.check == check
 }
 
-// ownSlots is the size of the table of own-write times. Keys share a slot
-// by hash; a collision only costs a replacement (see wroteWithin).
+// ownSlots is the size of the table of own writes. Keys share a slot by
+// hash; a collision only costs a replacement (see unechoed).
 const ownSlots = 4096
 
-// wrote records that this instance has just written key (Set or Delete).
-func (l *local[V]) wrote(key string) {
-	l.own[l.hash(key)%ownSlots].Store(l.clock.now())
+// ownWrites counts this instance's writes (Set, Delete) of the keys of one
+// slot whose invalidation messages have not come back through its own
+// subscription yet, and when the last of them ended.
+type ownWrites struct {
+	pending atomic.Int64
+	last    atomic.Int64 // clock time
 }
 
-// wroteWithin reports whether this instance wrote key (or a key sharing its
-// slot) within the last d.
-func (l *local[V]) wroteWithin(key string, d time.Duration) bool {
-	return l.clock.now()-l.own[l.hash(key)%ownSlots].Load() < int64(d)
+// writing records that this instance is about to write key.
+func (l *local[V]) writing(key string) {
+	l.own[l.hash(key)%ownSlots].pending.Add(1)
+}
+
+// wrote records that a write of key, begun with writing, has ended.
+func (l *local[V]) wrote(key string) {
+	l.own[l.hash(key)%ownSlots].last.Store(l.clock.now())
+}
+
+// echoed records that the message of one of this instance's writes of key
+// came back.
+func (l *local[V]) echoed(key string) {
+	l.own[l.hash(key)%ownSlots].pending.Add(-1)
+}
+
+// unechoed reports whether a message of this instance's write of key (or
+// of a key sharing its slot) may still be on its way. A message that never
+// comes (its write failed before reaching Redis) stops counting d after
+// the write ended. (While a write is in flight, its endWrite makes what
+// was stored meanwhile unservable.)
+func (l *local[V]) unechoed(key string, d time.Duration) bool {
+	w := &l.own[l.hash(key)%ownSlots]
+	return w.pending.Load() > 0 && l.clock.now()-w.last.Load() < int64(d)
 }
 
 // invalidateAll makes every entry unservable. Memory is reclaimed as the

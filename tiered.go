@@ -44,7 +44,7 @@ type Cache[V any] struct {
 	loads  flight[V] // GetOrLoad
 	stats  counters
 
-	// ownWriteWindow bounds how late, after an own write, a message
+	// ownWriteWindow bounds how late, after an own write ended, a message
 	// published before it can arrive: later, the subscription would have
 	// been declared dead (3 heartbeat intervals without a heartbeat).
 	ownWriteWindow time.Duration
@@ -206,9 +206,10 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	if len(b) <= c.opts.PublishValueMaxBytes {
 		msg, withValue = encodeValueHeader(c.id, key), true
 	}
+	c.local.writing(key)
 	err = c.remote.write(ctx, key, env, ttl, msg, withValue)
-	t, ok := c.local.endWrite(t, started)
 	c.local.wrote(key)
+	t, ok := c.local.endWrite(t, started)
 	if err != nil {
 		c.local.invalidate(key)
 		c.remoteFailed(err)
@@ -238,11 +239,12 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 	// old value; dropping after invalidates fills that began during it.
 	for _, k := range keys {
 		c.local.invalidate(k)
+		c.local.writing(k)
 	}
 	sent, err := c.remote.del(ctx, keys, func(ks []string) []byte { return encodeInvalidation(c.id, ks...) })
 	for _, k := range keys {
-		c.local.invalidate(k)
 		c.local.wrote(k)
+		c.local.invalidate(k)
 	}
 	if err != nil {
 		c.remoteFailed(err)
@@ -482,6 +484,9 @@ func (c *Cache[V]) invalidated(payload string) {
 		return
 	}
 	if m.origin == c.id {
+		for _, k := range m.keys {
+			c.local.echoed(k)
+		}
 		return
 	}
 	if m.envelope != "" {
@@ -509,11 +514,13 @@ func (c *Cache[V]) invalidated(payload string) {
 //	B: Set(k, vB): Redis stores vB, publishes mB; B keeps vB in L1
 //	B: receives mA (its subscription lags its command connection)
 //
-// Replacing vB with vA would serve vA until L1's TTL. So after its own
-// write of key, for as long as a healthy subscription can take to deliver
-// a message (ownWriteWindow), an instance only invalidates key.
+// Replacing vB with vA would serve vA until L1's TTL. But a message older
+// than B's write was published before B's, so it arrives before B's own:
+// while an own write of key has not come back, B only invalidates key.
+// (If B's message never comes, because its write never reached Redis, B
+// stops waiting ownWriteWindow after the write.)
 func (c *Cache[V]) replace(key, envelope string) {
-	if !c.local.holds(key) || c.local.wroteWithin(key, c.ownWriteWindow) {
+	if !c.local.holds(key) || c.local.unechoed(key, c.ownWriteWindow) {
 		c.local.invalidate(key)
 		return
 	}
