@@ -5,9 +5,8 @@ import (
 	"time"
 )
 
-// Fills wait in a fillBuffer until fillBatch of them, or fillBytes of
-// their cost, have gathered, or until a call comes fillDelay after the
-// first of them.
+// Fills wait in a fillBuffer until fillBatch of them, or fillBuffer.limit of
+// their cost, have gathered, or until fillDelay after the first of them.
 const (
 	fillBatch = 64
 	fillDelay = int64(time.Millisecond)
@@ -27,7 +26,7 @@ const (
 // checked like ristretto's (by their ticket), so what the buffer holds
 // needs no invalidating beyond what ristretto's entries get.
 type fillBuffer[V any] struct {
-	limit int64 // fillBytes: flush once the pending fills cost this much
+	limit int64 // the pending fills are due once they cost this much
 
 	mu      sync.Mutex
 	cur     map[uint64]pendingFill[V] // by key hash; not yet handed over
