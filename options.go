@@ -52,7 +52,9 @@ type Options struct {
 
 	// LoadTimeout bounds a loader call. The loader's context is detached
 	// from the caller's cancellation (a load is shared by all callers
-	// waiting for it) and carries this timeout instead. Default 10 seconds.
+	// waiting for it) and carries this timeout instead. It bounds the same
+	// way a Redis read redone for waiting callers after the caller that
+	// began it gave up. Default 10 seconds.
 	LoadTimeout time.Duration
 
 	// HeartbeatInterval is how often the invalidation subscription proves it

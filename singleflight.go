@@ -34,14 +34,17 @@ import (
 //	A: misses, leads, sends GET under ctxA
 //	B: misses, joins A's flight, waits
 //	A: ctxA is cancelled; the read returns context.Canceled
-//	A: ends the flight as abandoned, returns context.Canceled
-//	B: sees the flight abandoned and starts over: it leads (or joins C's)
+//	A: returns context.Canceled; the flight goes on without it: the read
+//	   is redone on a goroutine of its own, detached like a load
+//	B: gets the redone read's result
 //
-// So a flight whose read failed with its leader's own context error is
-// abandoned, not answered. (Any other answer, such as ErrNotFound, is
-// shared even if the leader's context ended meanwhile.)
+// (Were B to start over instead, a patient B could keep joining flights
+// that impatient leaders give up, and wait for long.) A flight nobody waits
+// on is abandoned instead; a caller who joins it in that instant starts
+// over. Any other answer, such as ErrNotFound, is shared even if the
+// leader's context ended meanwhile.
 type flight[V any] struct {
-	timeout time.Duration   // of a load
+	timeout time.Duration   // of work done on a goroutine of its own
 	onPanic func(err error) // counts and logs; called once per panic
 	shared  *atomic.Uint64  // callers that got the result of another caller's flight
 
@@ -56,7 +59,7 @@ type flightCall[V any] struct {
 	done      chan struct{}
 	val       V
 	err       error
-	abandoned bool // the leader's context ended during its read
+	abandoned bool // the leader's context ended during its read, and nobody waited
 }
 
 // flightRead is the leader's part of a flight. It returns the flight's
@@ -108,12 +111,7 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 		f.mu.Lock()
 		done := f.waitOn(c)
 		f.mu.Unlock()
-		go func() {
-			lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.timeout)
-			defer cancel()
-			v, err := f.guard(func() (V, error) { return load(lctx) })
-			f.finish(key, c, v, err, false)
-		}()
+		f.detach(ctx, key, c, load)
 		select {
 		case <-done:
 			return c.val, c.err
@@ -122,12 +120,37 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 			return zero, ctx.Err()
 		}
 	case err != nil && errors.Is(err, ctx.Err()):
-		f.finish(key, c, v, err, true)
+		f.mu.Lock()
+		waited := c.done != nil
+		f.mu.Unlock()
+		if !waited {
+			f.finish(key, c, v, err, true)
+			return v, err
+		}
+		f.detach(ctx, key, c, func(ctx context.Context) (V, error) {
+			v, load, err := read(ctx)
+			if load != nil {
+				return load(ctx)
+			}
+			return v, err
+		})
 		return v, err
 	default:
 		f.finish(key, c, v, err, false)
 		return v, err
 	}
+}
+
+// detach finishes flight c with work, run on a goroutine of its own under a
+// context that keeps ctx's values but not its cancellation, bounded by the
+// flight's timeout.
+func (f *flight[V]) detach(ctx context.Context, key string, c *flightCall[V], work flightLoad[V]) {
+	go func() {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.timeout)
+		defer cancel()
+		v, err := f.guard(func() (V, error) { return work(dctx) })
+		f.finish(key, c, v, err, false)
+	}()
 }
 
 // guard runs work and turns a panic into an error wrapping ErrLoaderPanic.

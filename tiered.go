@@ -87,7 +87,7 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 	// was); once Redis answers again they must not outlive that: Redis may
 	// hold something else, and no invalidation will say so.
 	c.remote.breaker.onRecover = func() { c.sub.flush("redis answers again") }
-	c.reads = flight[V]{onPanic: c.panicked, shared: &c.stats.shared}
+	c.reads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, shared: &c.stats.shared}
 	c.loads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, shared: &c.stats.shared}
 	c.sub = acquireSubscriber(opts.Redis, opts.HeartbeatInterval, opts.Logger)
 	c.ownWriteWindow = 4 * c.sub.interval
