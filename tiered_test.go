@@ -580,7 +580,7 @@ func TestWaitersOutliveALeaderCancelledDuringItsRedisRead(t *testing.T) {
 	} {
 		t.Run(op.name, func(t *testing.T) {
 			mr, rdb := newMiniredis(t)
-			entered := coreBlockFirstCommand(rdb)
+			entered := coreBlockCommands(rdb, 1)
 			c := newCoreCache[string](t, rdb, Options{})
 			w := newCoreCache[string](t, coreOtherClient(t, mr), Options{Namespace: c.opts.Namespace})
 			if err := w.Set(context.Background(), "k", "v"); err != nil {
@@ -1239,31 +1239,15 @@ func TestCancelledContextReturnsContextErrorNotRedisError(t *testing.T) {
 
 type coreBlockKey struct{}
 
-// coreBlockFirstCommand is coreBlockCommands for the first such command
-// only.
-func coreBlockFirstCommand(rdb *redis.Client) <-chan string {
-	var blocked atomic.Bool
+// coreBlockCommands makes the first n commands on rdb (all if n < 0) whose
+// context carries coreBlockKey behave like a Redis that does not answer:
+// they wait for the context. Each sends its name on the returned channel
+// when it starts waiting.
+func coreBlockCommands(rdb *redis.Client, n int64) <-chan string {
+	var blocked atomic.Int64
 	entered := make(chan string, 1)
 	rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
-		if ctx.Value(coreBlockKey{}) != nil && blocked.CompareAndSwap(false, true) {
-			entered <- cmd.Name()
-			<-ctx.Done()
-			cmd.SetErr(ctx.Err())
-			return ctx.Err()
-		}
-		return next(ctx, cmd)
-	}})
-	return entered
-}
-
-// coreBlockCommands makes the commands on rdb whose context carries
-// coreBlockKey behave like a Redis that does not answer: they wait for the
-// context. Each sends its name on the returned channel when it starts
-// waiting.
-func coreBlockCommands(rdb *redis.Client) <-chan string {
-	entered := make(chan string, 1)
-	rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
-		if ctx.Value(coreBlockKey{}) != nil {
+		if ctx.Value(coreBlockKey{}) != nil && (n < 0 || blocked.Add(1) <= n) {
 			entered <- cmd.Name()
 			<-ctx.Done()
 			cmd.SetErr(ctx.Err())
@@ -1276,7 +1260,7 @@ func coreBlockCommands(rdb *redis.Client) <-chan string {
 
 func TestContextCancelledDuringRedisCallIsNotARedisError(t *testing.T) {
 	mr, rdb := newMiniredis(t)
-	entered := coreBlockCommands(rdb)
+	entered := coreBlockCommands(rdb, -1)
 	c := newCoreCache[string](t, rdb, Options{})
 	w := newCoreCache[string](t, coreOtherClient(t, mr), Options{Namespace: c.opts.Namespace})
 	if err := w.Set(context.Background(), "k", "old"); err != nil {
