@@ -657,3 +657,33 @@ func TestValuesReplaceAgainOnceTheOwnWriteHasComeBack(t *testing.T) {
 		t.Errorf("KeysReplaced +%d; want +1", s.KeysReplaced-before.KeysReplaced)
 	}
 }
+
+// L1 follows the messages in Redis order, own ones included: should an
+// older foreign value get past the own-write protection (say a write whose
+// script Redis ran twice made its message come back twice), the own
+// message that follows puts the own value back.
+func TestTheOwnMessageOverrulesAnOlderForeignValueThatGotThrough(t *testing.T) {
+	ctx := context.Background()
+	proxy, rdbA, rdbB := proxiedClients(t)
+	a := newTestCache[string](t, rdbA, Options{})
+	b := newTestCache[string](t, rdbB, Options{Namespace: a.opts.Namespace})
+	if err := b.Set(ctx, "k", "v0"); err != nil {
+		t.Fatal(err)
+	}
+	mustHoldInL1(t, b, "k", "v0")
+	proxy.StallSubscribers()
+	if err := a.Set(ctx, "k", "vA"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Set(ctx, "k", "vB"); err != nil {
+		t.Fatal(err)
+	}
+	b.local.own[b.local.hash("k")%ownSlots].pending.Store(0) // the protection is lost
+	before := b.Stats()
+	proxy.Resume()
+	awaitReceived(t, b, before.InvalidationsReceived+1) // a's message, carrying vA
+	waitUntil(t, invWait, "b to serve vB from L1", func() bool {
+		v, fromL1, err := getWithSource(b, "k")
+		return err == nil && v == "vB" && fromL1
+	})
+}

@@ -301,24 +301,47 @@ const ownSlots = 4096
 // slot whose invalidation messages have not come back through its own
 // subscription yet, and when the last of them ended.
 type ownWrites struct {
-	pending atomic.Int64
-	last    atomic.Int64 // clock time
+	pending  atomic.Int64
+	inflight atomic.Int64  // of them, those still waiting for Redis
+	last     atomic.Int64  // clock time the last of them ended
+	gen      atomic.Uint64 // the key's generation when the last of them ended
 }
 
 // writing records that this instance is about to write key.
 func (l *local[V]) writing(key string) {
-	l.own[l.hash(key)%ownSlots].pending.Add(1)
+	w := &l.own[l.hash(key)%ownSlots]
+	w.pending.Add(1)
+	w.inflight.Add(1)
 }
 
-// wrote records that a write of key, begun with writing, has ended.
+// wrote records that a write of key, begun with writing, has ended, and
+// that L1 now holds what it wrote (or nothing).
 func (l *local[V]) wrote(key string) {
-	l.own[l.hash(key)%ownSlots].last.Store(l.clock.now())
+	h := l.hash(key)
+	w := &l.own[h%ownSlots]
+	w.gen.Store(l.gen(h).Load())
+	w.last.Store(l.clock.now())
+	w.inflight.Add(-1)
+}
+
+// movedSince reports whether anything touched key's generation since this
+// instance's last write of key (or of a key sharing its slots) ended. While
+// such a write is still in flight it reports false: whatever touches the
+// key meanwhile, the write's end makes unservable.
+func (l *local[V]) movedSince(key string) bool {
+	h := l.hash(key)
+	w := &l.own[h%ownSlots]
+	return w.inflight.Load() == 0 && l.gen(h).Load() != w.gen.Load()
 }
 
 // echoed records that the message of one of this instance's writes of key
-// came back.
+// came back. A write whose script Redis ran twice (go-redis retries after a
+// lost reply) comes back twice; pending stays at zero rather than going
+// below and leaving the next write unprotected.
 func (l *local[V]) echoed(key string) {
-	l.own[l.hash(key)%ownSlots].pending.Add(-1)
+	p := &l.own[l.hash(key)%ownSlots].pending
+	for n := p.Load(); n > 0 && !p.CompareAndSwap(n, n-1); n = p.Load() {
+	}
 }
 
 // unechoed reports whether a message of this instance's write of key (or

@@ -71,8 +71,11 @@ type Options struct {
 	// dropping it and reading Redis on its next read; one that does not
 	// hold it ignores the value. Larger values are only invalidated. Each
 	// value sent reaches every subscribed instance: lower this if many
-	// instances share a Namespace and writes are frequent. Default 4 KiB;
-	// negative sends no values.
+	// instances share a Namespace and writes are frequent. Default 4 KiB,
+	// except on a *redis.ClusterClient, where the default is to send no
+	// values: while a slot migrates, messages about one key come from two
+	// masters over different links and can arrive out of order, which is
+	// harmless for invalidations but not for values. Negative sends none.
 	PublishValueMaxBytes int
 
 	// WaitReplicas, if positive, makes Set and Delete wait until that many
@@ -148,10 +151,11 @@ func (o Options) withDefaults() (Options, error) {
 	if o.HeartbeatInterval == 0 {
 		o.HeartbeatInterval = defaultHeartbeatInterval
 	}
+	_, cluster := o.Redis.(*redis.ClusterClient)
 	switch {
-	case o.PublishValueMaxBytes == 0:
+	case o.PublishValueMaxBytes == 0 && !cluster:
 		o.PublishValueMaxBytes = defaultPublishValueMax
-	case o.PublishValueMaxBytes < 0:
+	case o.PublishValueMaxBytes <= 0:
 		o.PublishValueMaxBytes = -1 // not even empty values
 	}
 	if cc, ok := o.Redis.(*redis.ClusterClient); ok {

@@ -164,14 +164,14 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 	c.missed()
 	return c.loads.do(ctx, key, func(ctx context.Context) (V, flightLoad[V], error) {
 		t := c.local.begin(key)
-		v, res, held, err := c.fetch(ctx, key, t, localTTL)
+		v, res, held, _ := c.fetch(ctx, key, t, localTTL)
 		switch {
 		case res == fetchHit:
 			return v, nil, nil
 		case res == fetchNotFound:
 			return v, nil, ErrNotFound
 		case res == fetchFailed && ctx.Err() != nil:
-			return v, nil, err // our caller gave up; not an outage
+			return v, nil, ctx.Err() // our caller gave up; not an outage
 		}
 		return zero, func(ctx context.Context) (V, error) {
 			return c.load(ctx, key, t, load, res, held, localTTL, remoteTTL)
@@ -208,10 +208,10 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	}
 	c.local.writing(key)
 	err = c.remote.write(ctx, key, env, ttl, msg, withValue)
-	c.local.wrote(key)
 	t, ok := c.local.endWrite(t, started)
 	if err != nil {
 		c.local.invalidate(key)
+		c.local.wrote(key)
 		c.remoteFailed(err)
 		return err
 	}
@@ -219,6 +219,7 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	if ok {
 		c.keep(key, t, v, false, len(b), localTTL, expires, false, true)
 	}
+	c.local.wrote(key)
 	return nil
 }
 
@@ -243,8 +244,8 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 	}
 	sent, err := c.remote.del(ctx, keys, func(ks []string) []byte { return encodeInvalidation(c.id, ks...) })
 	for _, k := range keys {
-		c.local.wrote(k)
 		c.local.invalidate(k)
+		c.local.wrote(k)
 	}
 	if err != nil {
 		c.remoteFailed(err)
@@ -475,6 +476,14 @@ func (c *Cache[V]) subscribed() {
 func (c *Cache[V]) clusterChanged() { c.remote.breaker.record(nil) }
 
 // invalidated applies an invalidation message from our channel.
+//
+// L1 follows the messages in the order Redis ran the writes, this
+// instance's own included. An own message is skipped only while nothing
+// has touched its key since the write (L1 then holds what the write left);
+// otherwise it is applied like another instance's, so a foreign message
+// that slipped in before it (see replace) is overruled. So once the
+// messages already published have arrived, L1 holds what Redis holds,
+// whatever order they raced this instance's own writes in.
 func (c *Cache[V]) invalidated(payload string) {
 	m, err := decodeInvalidation(payload)
 	if err != nil {
@@ -483,28 +492,37 @@ func (c *Cache[V]) invalidated(payload string) {
 		c.corruptLog.warn("tiered: malformed invalidation message; L1 flushed", "err", err)
 		return
 	}
-	if m.origin == c.id {
+	own := m.origin == c.id
+	if own {
+		moved := false
 		for _, k := range m.keys {
 			c.local.echoed(k)
+			moved = moved || c.local.movedSince(k)
 		}
-		return
+		if !moved {
+			return
+		}
 	}
 	if m.envelope != "" {
-		c.replace(m.keys[0], m.envelope)
+		c.replace(m.keys[0], m.envelope, own)
 	} else {
 		for _, k := range m.keys {
 			c.local.invalidate(k)
 		}
+	}
+	if own {
+		return
 	}
 	// Counted once applied, so that a count seen means the keys are dropped.
 	c.stats.received.Add(1)
 	c.stats.keysInval.Add(uint64(len(m.keys)))
 }
 
-// replace applies another instance's Set of key whose message carried the
-// new envelope: if L1 holds key, the new value replaces the old one, which
-// spares the next read a trip to Redis; otherwise key is only invalidated
-// (decoding values nobody here reads would be wasted work).
+// replace applies a Set of key whose message carried the new envelope (own:
+// this instance's, see invalidated): if
+// L1 holds key, the new value replaces the old one, which spares the next
+// read a trip to Redis; otherwise key is only invalidated (decoding values
+// nobody here reads would be wasted work).
 //
 // Messages arrive in the order Redis ran the writes, but this instance's
 // own writes do not wait for theirs, so a message can be older than what
@@ -512,22 +530,26 @@ func (c *Cache[V]) invalidated(payload string) {
 //
 //	A: Set(k, vA): Redis stores vA, publishes mA
 //	B: Set(k, vB): Redis stores vB, publishes mB; B keeps vB in L1
-//	B: receives mA (its subscription lags its command connection)
+//	B: receives mA (its subscription lags its command connection), then mB
 //
-// Replacing vB with vA would serve vA until L1's TTL. But a message older
-// than B's write was published before B's, so it arrives before B's own:
-// while an own write of key has not come back, B only invalidates key.
-// (If B's message never comes, because its write never reached Redis, B
-// stops waiting ownWriteWindow after the write.)
-func (c *Cache[V]) replace(key, envelope string) {
-	if !c.local.holds(key) || c.local.unechoed(key, c.ownWriteWindow) {
+// Replacing vB with vA until mB puts vB back would show B an older value
+// than it wrote. So while an own write of key has not come back, B only
+// invalidates key, and reads go to Redis. (If B's message never comes,
+// because its write never reached Redis, B stops waiting ownWriteWindow
+// after the write.)
+func (c *Cache[V]) replace(key, envelope string, own bool) {
+	if !c.local.holds(key) {
 		c.local.invalidate(key)
 		return
 	}
 	// Like an invalidation, the bump makes the old entry and fills racing
-	// this message unservable; the new value is stored under a ticket
-	// taken after it, so any later invalidation makes it unservable too.
+	// this message unservable. It comes before the own-write check: an own
+	// write that begins after the check bumps again when it ends, which
+	// makes the value stored here unservable too.
 	t := c.local.replace(key)
+	if c.local.unechoed(key, c.ownWriteWindow) {
+		return
+	}
 	var v V
 	kind, expires, payload, err := decodeEnvelope([]byte(envelope))
 	if err == nil && kind == kindValue {
@@ -541,5 +563,7 @@ func (c *Cache[V]) replace(key, envelope string) {
 	}
 	localTTL, _, _ := c.ttls(key, nil)
 	c.keep(key, t, v, kind == kindNotFound, len(payload), localTTL, expires, false, false)
-	c.stats.keysReplaced.Add(1)
+	if !own {
+		c.stats.keysReplaced.Add(1)
+	}
 }
