@@ -609,13 +609,30 @@ func TestInvalidationMessagesRoundTripAndRejectGarbage(t *testing.T) {
 // the key (its subscription lags its command connection). The value it
 // carries is then older than Redis's and must not replace the own write.
 func TestALateMessageDoesNotReplaceALaterOwnWrite(t *testing.T) {
+	b, resume := lateForeignWrite(t)
+	before := b.Stats()
+	resume()
+	awaitReceived(t, b, before.InvalidationsReceived+1) // a's message, carrying vA
+	mustGet(t, b, "k", "vB")
+	if s := b.Stats(); s.KeysReplaced != before.KeysReplaced {
+		t.Errorf("KeysReplaced +%d; want +0", s.KeysReplaced-before.KeysReplaced)
+	}
+}
+
+// lateForeignWrite sets up two instances, a and b, where a's Set(k, vA)
+// runs in Redis before b's Set(k, vB) but reaches b after it: b's
+// subscription is stalled across both writes. It returns b and the
+// function that lets b's subscription go on.
+func lateForeignWrite(t *testing.T) (b *Cache[string], resume func()) {
+	t.Helper()
 	ctx := context.Background()
 	proxy, rdbA, rdbB := proxiedClients(t)
 	a := newTestCache[string](t, rdbA, Options{})
-	b := newTestCache[string](t, rdbB, Options{Namespace: a.opts.Namespace})
+	b = newTestCache[string](t, rdbB, Options{Namespace: a.opts.Namespace})
 	if err := b.Set(ctx, "k", "v0"); err != nil {
 		t.Fatal(err)
 	}
+	mustHoldInL1(t, b, "k", "v0")
 	proxy.StallSubscribers() // b's subscription lags, briefly: no gap
 	if err := a.Set(ctx, "k", "vA"); err != nil {
 		t.Fatal(err)
@@ -623,13 +640,7 @@ func TestALateMessageDoesNotReplaceALaterOwnWrite(t *testing.T) {
 	if err := b.Set(ctx, "k", "vB"); err != nil { // after a's in Redis
 		t.Fatal(err)
 	}
-	before := b.Stats()
-	proxy.Resume()
-	awaitReceived(t, b, before.InvalidationsReceived+1) // a's message, carrying vA
-	mustGet(t, b, "k", "vB")
-	if s := b.Stats(); s.KeysReplaced != before.KeysReplaced {
-		t.Errorf("KeysReplaced +%d; want +0", s.KeysReplaced-before.KeysReplaced)
-	}
+	return b, proxy.Resume
 }
 
 // Once an instance's own write has come back through its subscription, no
@@ -663,24 +674,10 @@ func TestValuesReplaceAgainOnceTheOwnWriteHasComeBack(t *testing.T) {
 // script Redis ran twice made its message come back twice), the own
 // message that follows puts the own value back.
 func TestTheOwnMessageOverrulesAnOlderForeignValueThatGotThrough(t *testing.T) {
-	ctx := context.Background()
-	proxy, rdbA, rdbB := proxiedClients(t)
-	a := newTestCache[string](t, rdbA, Options{})
-	b := newTestCache[string](t, rdbB, Options{Namespace: a.opts.Namespace})
-	if err := b.Set(ctx, "k", "v0"); err != nil {
-		t.Fatal(err)
-	}
-	mustHoldInL1(t, b, "k", "v0")
-	proxy.StallSubscribers()
-	if err := a.Set(ctx, "k", "vA"); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Set(ctx, "k", "vB"); err != nil {
-		t.Fatal(err)
-	}
+	b, resume := lateForeignWrite(t)
 	b.local.own[b.local.hash("k")%ownSlots].pending.Store(0) // the protection is lost
 	before := b.Stats()
-	proxy.Resume()
+	resume()
 	awaitReceived(t, b, before.InvalidationsReceived+1) // a's message, carrying vA
 	waitUntil(t, invWait, "b to serve vB from L1", func() bool {
 		v, fromL1, err := getWithSource(b, "k")
