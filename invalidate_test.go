@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -675,12 +676,65 @@ func TestValuesReplaceAgainOnceTheOwnWriteHasComeBack(t *testing.T) {
 // message that follows puts the own value back.
 func TestTheOwnMessageOverrulesAnOlderForeignValueThatGotThrough(t *testing.T) {
 	b, resume := lateForeignWrite(t)
-	b.local.own[b.local.hash("k")%ownSlots].pending.Store(0) // the protection is lost
+	b.local.ownOf(b.local.hash("k")).pending.Store(0) // the protection is lost
 	before := b.Stats()
 	resume()
 	awaitReceived(t, b, before.InvalidationsReceived+1) // a's message, carrying vA
 	waitUntil(t, invWait, "b to serve vB from L1", func() bool {
 		v, fromL1, err := getWithSource(b, "k")
 		return err == nil && v == "vB" && fromL1
+	})
+}
+
+// A write that failed here (its context ran out) can still run in Redis
+// afterwards. A read in between fills L1 with the old value; the write's
+// message, when it comes, must be applied although it is this instance's
+// own.
+func TestAWriteThatFailedHereButRanInRedisLaterIsApplied(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMiniredis(t)
+	var held struct {
+		mu    sync.Mutex
+		armed bool
+		cmd   redis.Cmder
+		next  redis.ProcessHook
+	}
+	rdb.AddHook(processHook{process: func(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
+		held.mu.Lock()
+		if held.armed && (cmd.Name() == "evalsha" || cmd.Name() == "eval") {
+			held.armed, held.cmd, held.next = false, cmd, next
+			held.mu.Unlock()
+			<-ctx.Done() // on the wire when the caller gives up
+			return ctx.Err()
+		}
+		held.mu.Unlock()
+		return next(ctx, cmd)
+	}})
+	c := newTestCache[string](t, rdb, Options{})
+	if err := c.Set(ctx, "k", "v0"); err != nil {
+		t.Fatal(err)
+	}
+	held.mu.Lock()
+	held.armed = true
+	held.mu.Unlock()
+	tctx, cancel := context.WithCancel(ctx)
+	go func() {
+		waitUntil(t, invWait, "the write to be on the wire", func() bool {
+			held.mu.Lock()
+			defer held.mu.Unlock()
+			return held.cmd != nil
+		})
+		cancel()
+	}()
+	if err := c.Set(tctx, "k", "v1"); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Set = %v, want context.Canceled", err)
+	}
+	mustGet(t, c, "k", "v0")                         // fills L1 with v0
+	if err := held.next(ctx, held.cmd); err != nil { // Redis runs the write now
+		t.Fatal(err)
+	}
+	waitUntil(t, invWait, "L1 to serve v1, as Redis does", func() bool {
+		v, err := c.Get(ctx, "k")
+		return err == nil && v == "v1"
 	})
 }

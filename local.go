@@ -78,7 +78,7 @@ type local[V any] struct {
 	gens  []atomic.Uint64 // a power of two long
 	reads readCounters
 	fills fillBuffer[V]
-	own   [ownSlots]ownWrites // this instance's writes whose messages have not come back, by slot
+	own   []ownWrites // this instance's writes, by generation slot
 
 	// ristretto panics when Set or Del race Close; writers hold mu for
 	// reading and Close takes it for writing.
@@ -107,7 +107,9 @@ func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V
 	if err != nil {
 		return nil, err
 	}
-	l := &local[V]{store: store, clock: clk, epoch: epoch, gens: make([]atomic.Uint64, genSlots(maxBytes))}
+	slots := genSlots(maxBytes)
+	l := &local[V]{store: store, clock: clk, epoch: epoch,
+		gens: make([]atomic.Uint64, slots), own: make([]ownWrites, slots)}
 	l.seed = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
 	// Fills waiting for ristretto are not in its cost: keep them, and the
 	// batch handed over last, to an eighth of it.
@@ -293,45 +295,52 @@ func (l *local[V]) holds(key string) bool {
 	return ok && e.check == check
 }
 
-// ownSlots is the size of the table of own writes. Keys share a slot by
-// hash; a collision only costs a replacement (see unechoed).
-const ownSlots = 4096
-
-// ownWrites counts this instance's writes (Set, Delete) of the keys of one
-// slot whose invalidation messages have not come back through its own
-// subscription yet, and when the last of them ended.
+// ownWrites tracks this instance's writes (Set, Delete) of the keys of
+// one generation slot.
 type ownWrites struct {
-	pending  atomic.Int64
-	inflight atomic.Int64  // of them, those still waiting for Redis
-	last     atomic.Int64  // clock time the last of them ended
-	gen      atomic.Uint64 // the key's generation when the last of them ended
+	pending   atomic.Int64  // writes whose messages have not come back yet
+	inflight  atomic.Int64  // writes still waiting for Redis
+	last      atomic.Int64  // clock time the last write ended
+	gen       atomic.Uint64 // the slot's generation when the last write ended
+	uncertain atomic.Int64  // clock time until which a failed write's message may still come
 }
+
+func (l *local[V]) ownOf(h uint64) *ownWrites { return &l.own[h&uint64(len(l.own)-1)] }
 
 // writing records that this instance is about to write key.
 func (l *local[V]) writing(key string) {
-	w := &l.own[l.hash(key)%ownSlots]
+	w := l.ownOf(l.hash(key))
 	w.pending.Add(1)
 	w.inflight.Add(1)
 }
 
 // wrote records that a write of key, begun with writing, has ended, and
-// that L1 now holds what it wrote (or nothing).
-func (l *local[V]) wrote(key string) {
+// that L1 now holds what it wrote (or nothing). If the write failed, Redis
+// may still run it later (a command that timed out here can be on the
+// wire): for unsure, its message may come, and must then be applied.
+func (l *local[V]) wrote(key string, unsure time.Duration) {
 	h := l.hash(key)
-	w := &l.own[h%ownSlots]
+	w := l.ownOf(h)
+	now := l.clock.now()
+	if unsure > 0 {
+		w.uncertain.Store(now + int64(unsure))
+	}
 	w.gen.Store(l.gen(h).Load())
-	w.last.Store(l.clock.now())
+	w.last.Store(now)
 	w.inflight.Add(-1)
 }
 
-// movedSince reports whether anything touched key's generation since this
-// instance's last write of key (or of a key sharing its slots) ended. While
-// such a write is still in flight it reports false: whatever touches the
-// key meanwhile, the write's end makes unservable.
+// movedSince reports whether this instance's message about key must be
+// applied rather than skipped: anything touched key's generation since
+// this instance's last write of it (or of a key sharing its slot) ended, or
+// a write that failed may have run in Redis since. While a write is in
+// flight, what touches the key meanwhile is covered by the write's end,
+// which makes it unservable.
 func (l *local[V]) movedSince(key string) bool {
 	h := l.hash(key)
-	w := &l.own[h%ownSlots]
-	return w.inflight.Load() == 0 && l.gen(h).Load() != w.gen.Load()
+	w := l.ownOf(h)
+	return l.clock.now() < w.uncertain.Load() ||
+		w.inflight.Load() == 0 && l.gen(h).Load() != w.gen.Load()
 }
 
 // echoed records that the message of one of this instance's writes of key
@@ -339,7 +348,7 @@ func (l *local[V]) movedSince(key string) bool {
 // lost reply) comes back twice; pending stays at zero rather than going
 // below and leaving the next write unprotected.
 func (l *local[V]) echoed(key string) {
-	p := &l.own[l.hash(key)%ownSlots].pending
+	p := &l.ownOf(l.hash(key)).pending
 	for n := p.Load(); n > 0 && !p.CompareAndSwap(n, n-1); n = p.Load() {
 	}
 }
@@ -350,7 +359,7 @@ func (l *local[V]) echoed(key string) {
 // the write ended. (While a write is in flight, its endWrite makes what
 // was stored meanwhile unservable.)
 func (l *local[V]) unechoed(key string, d time.Duration) bool {
-	w := &l.own[l.hash(key)%ownSlots]
+	w := l.ownOf(l.hash(key))
 	return w.pending.Load() > 0 && l.clock.now()-w.last.Load() < int64(d)
 }
 

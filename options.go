@@ -22,7 +22,9 @@ type Options struct {
 	// Namespace prefixes every Redis key ("<Namespace>:<key>") and names the
 	// invalidation channel ("tiered:inv:<Namespace>"). Instances that share
 	// data must use the same Namespace; caches of different value types must
-	// not.
+	// not. No Namespace may be another followed by ':' ("users" and
+	// "users:v2") if keys can contain ':': key "v2:42" of the one and key
+	// "42" of the other would be one Redis key, invalidated on two channels.
 	Namespace string
 
 	// LocalMaxBytes bounds L1. An entry costs its encoded size, plus its key,

@@ -44,9 +44,11 @@ type Cache[V any] struct {
 	loads  flight[V] // GetOrLoad
 	stats  counters
 
-	// ownWriteWindow bounds how late, after an own write ended, a message
-	// published before it can arrive: later, the subscription would have
-	// been declared dead (3 heartbeat intervals without a heartbeat).
+	// ownWriteWindow is how long after an own write ended it is assumed
+	// it can still surface: its message may still be on its way, and a
+	// write that failed here may still run in Redis (a command that timed
+	// out can be on the wire). 4 heartbeat intervals: a subscription that
+	// delivers nothing for longer is declared dead.
 	ownWriteWindow time.Duration
 
 	ready  atomic.Bool // our channel's subscription is confirmed
@@ -211,7 +213,7 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	t, ok := c.local.endWrite(t, started)
 	if err != nil {
 		c.local.invalidate(key)
-		c.local.wrote(key)
+		c.local.wrote(key, c.ownWriteWindow)
 		c.remoteFailed(err)
 		return err
 	}
@@ -219,7 +221,7 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	if ok {
 		c.keep(key, t, v, false, len(b), localTTL, expires, false, true)
 	}
-	c.local.wrote(key)
+	c.local.wrote(key, 0)
 	return nil
 }
 
@@ -243,9 +245,13 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 		c.local.writing(k)
 	}
 	sent, err := c.remote.del(ctx, keys, func(ks []string) []byte { return encodeInvalidation(c.id, ks...) })
+	var unsure time.Duration
+	if err != nil {
+		unsure = c.ownWriteWindow
+	}
 	for _, k := range keys {
 		c.local.invalidate(k)
-		c.local.wrote(k)
+		c.local.wrote(k, unsure)
 	}
 	if err != nil {
 		c.remoteFailed(err)
