@@ -317,13 +317,14 @@ func (l *local[V]) writing(key string) {
 // wrote records that a write of key, begun with writing, has ended, and
 // that L1 now holds what it wrote (or nothing). If the write failed, Redis
 // may still run it later (a command that timed out here can be on the
-// wire): for unsure, its message may come, and must then be applied.
+// wire), within unsure, and its message may then take as long again to
+// come; until then, an own message must be applied.
 func (l *local[V]) wrote(key string, unsure time.Duration) {
 	h := l.hash(key)
 	w := l.ownOf(h)
 	now := l.clock.now()
 	if unsure > 0 {
-		w.uncertain.Store(now + int64(unsure))
+		w.uncertain.Store(now + 2*int64(unsure))
 	}
 	w.gen.Store(l.gen(h).Load())
 	w.last.Store(now)
