@@ -269,13 +269,20 @@ func TestL1NeverServesPastItsTTL(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	clk.set(start.Add(10*time.Second - time.Millisecond))
-	got, err := c.Get(ctx, "k")
-	coreWant(t, "Get just before the L1 TTL", got, err, "in L1")
+	coreWantL1Until(t, c, clk, "k", start.Add(10*time.Second), "in L1", "in Redis")
+}
 
-	clk.set(start.Add(10 * time.Second))
-	got, err = c.Get(ctx, "k")
-	coreWant(t, "Get at the L1 TTL", got, err, "in Redis")
+// coreWantL1Until checks that c serves key from L1 (inL1) until just before
+// expiry and from Redis (inRedis) at expiry, moving clk.
+func coreWantL1Until(t *testing.T, c *Cache[string], clk *clock, key string, expiry time.Time, inL1, inRedis string) {
+	t.Helper()
+	ctx := context.Background()
+	clk.set(expiry.Add(-time.Millisecond))
+	got, err := c.Get(ctx, key)
+	coreWant(t, key+" just before "+expiry.Format(time.StampMilli), got, err, inL1)
+	clk.set(expiry)
+	got, err = c.Get(ctx, key)
+	coreWant(t, key+" at "+expiry.Format(time.StampMilli), got, err, inRedis)
 }
 
 func TestL1EntryFilledFromL2ExpiresWithTheL2Entry(t *testing.T) {
@@ -1393,12 +1400,7 @@ func TestL1TTLPrecedencePerCallOverFuncOverDefault(t *testing.T) {
 		}
 	}
 	for _, w := range writes {
-		clk.set(start.Add(w.ttl - time.Millisecond))
-		got, err := c.Get(ctx, w.key)
-		coreWant(t, w.key+" just before its L1 TTL "+w.ttl.String(), got, err, "L1")
-		clk.set(start.Add(w.ttl))
-		got, err = c.Get(ctx, w.key)
-		coreWant(t, w.key+" at its L1 TTL "+w.ttl.String(), got, err, "Redis")
+		coreWantL1Until(t, c, clk, w.key, start.Add(w.ttl), "L1", "Redis")
 	}
 
 	// GetOrLoad's per-call L1 TTL applies to what it loads.
@@ -1411,12 +1413,7 @@ func TestL1TTLPrecedencePerCallOverFuncOverDefault(t *testing.T) {
 	if err := rdb.Set(ctx, coreRedisKey(c, "loaded"), coreEnvelope("Redis", now.Add(time.Hour)), 0).Err(); err != nil {
 		t.Fatal(err)
 	}
-	clk.set(now.Add(2*time.Second - time.Millisecond))
-	got, err := c.Get(ctx, "loaded")
-	coreWant(t, "loaded key before its L1 TTL", got, err, "L1")
-	clk.set(now.Add(2 * time.Second))
-	got, err = c.Get(ctx, "loaded")
-	coreWant(t, "loaded key at its L1 TTL", got, err, "Redis")
+	coreWantL1Until(t, c, clk, "loaded", now.Add(2*time.Second), "L1", "Redis")
 }
 
 func TestGetOrLoadWritesBackToRedisBeforeReturning(t *testing.T) {
