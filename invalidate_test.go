@@ -307,20 +307,29 @@ func TestRedisReadRacingAnotherInstancesSetIsNotServedFromL1(t *testing.T) {
 	mustGet(t, b, "k", "new")
 }
 
+// loadRacingAWrite starts instance b loading key "k" (returning loaded),
+// lets instance a write k with write while the load is held, waits until
+// b has the invalidation, then lets the load finish. It returns b.
+func loadRacingAWrite(t *testing.T, loaded string, write func(a *Cache[string]) error) *Cache[string] {
+	t.Helper()
+	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
+	a, b := cs[0], cs[1]
+	finish := startHeldLoad(b, "k", loaded)
+	if err := write(a); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 1)
+	finish()
+	return b
+}
+
 // A load that raced a Set on another instance loses to it in both tiers:
 // its write-back (SET NX) finds the Set's value in Redis and stores nothing,
 // so L1 keeps nothing of the load either. (With a plain SET, Redis would now
 // hold the older, loaded value until its TTL.)
 func TestLoadRacingAnotherInstancesSetLosesToItInBothTiers(t *testing.T) {
 	ctx := context.Background()
-	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
-	a, b := cs[0], cs[1]
-	finish := startHeldLoad(b, "k", "loaded before the Set")
-	if err := a.Set(ctx, "k", "set"); err != nil {
-		t.Fatal(err)
-	}
-	awaitReceived(t, b, 1)
-	finish()
+	b := loadRacingAWrite(t, "loaded before the Set", func(a *Cache[string]) error { return a.Set(ctx, "k", "set") })
 
 	raw, err := b.remote.client.Get(ctx, b.remote.key("k")).Bytes()
 	if err != nil {
@@ -339,14 +348,7 @@ func TestLoadRacingAnotherInstancesSetLosesToItInBothTiers(t *testing.T) {
 // ticket the invalidation made stale. The next Get goes to Redis.
 func TestLoadRacingAnotherInstancesDeleteIsNotServedFromL1(t *testing.T) {
 	ctx := context.Background()
-	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
-	a, b := cs[0], cs[1]
-	finish := startHeldLoad(b, "k", "loaded before the Delete")
-	if err := a.Delete(ctx, "k"); err != nil {
-		t.Fatal(err)
-	}
-	awaitReceived(t, b, 1)
-	finish()
+	b := loadRacingAWrite(t, "loaded before the Delete", func(a *Cache[string]) error { return a.Delete(ctx, "k") })
 
 	before := b.Stats()
 	v, fromL1, err := getWithSource(b, "k")
