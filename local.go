@@ -64,7 +64,7 @@ func (t ticket) healthy() bool { return t.epoch&1 == 0 }
 // stale value fails that check and is a miss.
 //
 // ristretto is keyed by the key's 64-bit maphash, computed once per call;
-// it also picks the generation slot and the read-counter stripe. A second
+// it also picks the generation slot and the own-write slot. A second
 // maphash, with another seed, is kept in the entry and compared on a hit.
 // That is what ristretto does by default (with xxhash and memhash, both
 // slower for short keys): a key is identified by 128 bits of hash, and two
