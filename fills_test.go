@@ -119,7 +119,7 @@ func TestPendingFillsCostAtMostASixteenthOfLocalMaxBytes(t *testing.T) {
 	}
 }
 
-func TestDeleteDropsAPendingFill(t *testing.T) {
+func TestAFillPendingAtDeleteIsNeitherServedNorHandedOver(t *testing.T) {
 	ctx := context.Background()
 	_, rdb := newMiniredis(t)
 	c, clk := newCoreCacheClock[string](t, rdb, Options{}, time.Now())
