@@ -1,0 +1,60 @@
+package tieredotel
+
+import "github.com/tieredcache/tiered"
+
+// metrics lists the instrument observed for every field of tiered.Stats, in
+// the order of the struct. It is the one place this module names a Stats
+// field. An instrument is named "tiered." plus its field in snake case, its
+// unit says what the field counts (a UCUM annotation such as {read}), and its
+// description is the field's comment in stats.go.
+// TestEveryStatsFieldIsObserved fails until a new Stats field has its row
+// here.
+var metrics = []struct {
+	name, unit, description string
+	value                   func(*tiered.Stats) uint64
+}{
+	{"tiered.local_hits", "{read}", "Reads answered by L1.",
+		func(s *tiered.Stats) uint64 { return s.LocalHits }},
+	{"tiered.local_misses", "{read}", "Reads L1 could not answer (absent, expired or invalidated).",
+		func(s *tiered.Stats) uint64 { return s.LocalMisses }},
+	{"tiered.remote_hits", "{read}", "L1 misses answered by Redis (a value or a remembered not-found).",
+		func(s *tiered.Stats) uint64 { return s.RemoteHits }},
+	{"tiered.remote_misses", "{read}", "L1 misses Redis did not have either (including corrupt values).",
+		func(s *tiered.Stats) uint64 { return s.RemoteMisses }},
+
+	{"tiered.loads", "{call}", "Loader calls (one per key however many callers waited).",
+		func(s *tiered.Stats) uint64 { return s.Loads }},
+	{"tiered.load_errors", "{call}", "Loader calls that returned an error other than ErrNotFound, or panicked.",
+		func(s *tiered.Stats) uint64 { return s.LoadErrors }},
+	{"tiered.load_panics", "{call}", "Loader calls that panicked (also counted as load errors).",
+		func(s *tiered.Stats) uint64 { return s.LoadPanics }},
+	{"tiered.shared", "{caller}", "Callers that got the result of a load or Redis read another caller started.",
+		func(s *tiered.Stats) uint64 { return s.Shared }},
+
+	{"tiered.remote_errors", "{call}", "Redis calls that failed (reads, writes, write-backs).",
+		func(s *tiered.Stats) uint64 { return s.RemoteErrors }},
+	{"tiered.corrupt_values", "{value}", "Values in Redis under the cache's keys that were not its own or did not decode.",
+		func(s *tiered.Stats) uint64 { return s.CorruptValues }},
+	{"tiered.encode_errors", "{value}", "Values the codec could not encode (never cached).",
+		func(s *tiered.Stats) uint64 { return s.EncodeErrors }},
+	{"tiered.local_too_large", "{value}", "Values larger than LocalMaxBytes, kept in Redis only.",
+		func(s *tiered.Stats) uint64 { return s.LocalTooLarge }},
+
+	{"tiered.invalidations_published", "{message}", "Invalidation messages this cache sent (Set, Delete).",
+		func(s *tiered.Stats) uint64 { return s.InvalidationsPublished }},
+	{"tiered.invalidations_received", "{message}", "Invalidation messages from other instances applied to L1.",
+		func(s *tiered.Stats) uint64 { return s.InvalidationsReceived }},
+	{"tiered.keys_invalidated", "{key}", "Keys dropped from L1 by received invalidations.",
+		func(s *tiered.Stats) uint64 { return s.KeysInvalidated }},
+	{"tiered.keys_replaced", "{key}", "Keys dropped from L1 by received invalidations whose new value came with the message and replaced the old one.",
+		func(s *tiered.Stats) uint64 { return s.KeysReplaced }},
+
+	{"tiered.subscription_gaps", "{gap}", "Times the invalidation subscription was found broken and L1 flushed (shared by the caches on one Redis client).",
+		func(s *tiered.Stats) uint64 { return s.SubscriptionGaps }},
+	{"tiered.heartbeat_misses", "{gap}", "Subscription gaps found because a heartbeat did not come back in time (shared by the caches on one Redis client).",
+		func(s *tiered.Stats) uint64 { return s.HeartbeatMisses }},
+	{"tiered.flushes", "{flush}", "L1 flushes without a gap: Redis answered again after failing, or a cluster's masters changed (shared by the caches on one Redis client).",
+		func(s *tiered.Stats) uint64 { return s.Flushes }},
+	{"tiered.local_bypassed", "{read}", "L1 misses caused by an unhealthy subscription.",
+		func(s *tiered.Stats) uint64 { return s.LocalBypassed }},
+}
