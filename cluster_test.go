@@ -264,7 +264,7 @@ func testClusterReadsWritesDeletes(t *testing.T, tc *testCluster) {
 		}
 		if raw, err := check.Get(ctx, b.remote.key(k)).Bytes(); err != nil {
 			t.Fatalf("GetOrLoad %s did not write Redis back: %v", k, err)
-		} else if _, _, p, err := decodeEnvelope(raw); err != nil || string(p) != "loaded" {
+		} else if p, err := envelopePayload(raw); err != nil || string(p) != "loaded" {
 			t.Fatalf("Redis holds %q for %s", raw, k)
 		}
 	}
@@ -826,7 +826,7 @@ func testClusterFailover(t *testing.T, tc *testCluster, mode failoverMode) {
 				}
 				l2 := ""
 				if err == nil {
-					if _, _, p, err := decodeEnvelope(b); err == nil {
+					if p, err := envelopePayload(b); err == nil {
 						l2 = string(p)
 					}
 				}
@@ -885,7 +885,7 @@ func testClusterFailover(t *testing.T, tc *testCluster, mode failoverMode) {
 		b, err := check.Get(ctx, idle.remote.key(k)).Bytes()
 		var l2 int64
 		if err == nil {
-			if _, _, p, err := decodeEnvelope(b); err == nil {
+			if p, err := envelopePayload(b); err == nil {
 				l2, _ = strconv.ParseInt(string(p), 10, 64)
 			}
 		} else if err != redis.Nil {
@@ -1042,7 +1042,7 @@ func testClusterWaitReplicas(t *testing.T, tc *testCluster) {
 		if err != nil {
 			t.Fatalf("the replica lacks %s right after Set returned: %v", k, err)
 		}
-		if _, _, p, _ := decodeEnvelope(raw); string(p) != "v1" {
+		if p, _ := envelopePayload(raw); string(p) != "v1" {
 			t.Fatalf("the replica holds %q for %s", raw, k)
 		}
 		if v, err := r.Get(ctx, k); err != nil || v != "v1" {
@@ -1120,7 +1120,7 @@ func TestWaitReplicasStandalone(t *testing.T) {
 		}
 		if raw, err := rrdb.Get(ctx, c.remote.key(k)).Bytes(); err != nil {
 			t.Fatalf("the replica lacks %s right after Set returned: %v", k, err)
-		} else if _, _, p, _ := decodeEnvelope(raw); string(p) != "v" {
+		} else if p, _ := envelopePayload(raw); string(p) != "v" {
 			t.Fatalf("the replica holds %q", raw)
 		}
 	}

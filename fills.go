@@ -29,20 +29,15 @@ type fillBuffer[V any] struct {
 	limit int64 // the pending fills are due once they cost this much
 
 	mu      sync.Mutex
-	cur     map[uint64]pendingFill[V] // by key hash; not yet handed over
-	prev    map[uint64]pendingFill[V] // the batch handed over last
-	started int64                     // clock time of cur's first fill
-	bytes   int64                     // cost of cur's fills
-}
-
-type pendingFill[V any] struct {
-	e    *entry[V]
-	cost int64
+	cur     map[uint64]*entry[V] // by key hash; not yet handed over
+	prev    map[uint64]*entry[V] // the batch handed over last
+	started int64                // clock time of cur's first fill
+	bytes   int64                // cost of cur's fills
 }
 
 // get returns the pending fill of the key with hash h, and the batch to
 // hand to ristretto if one is due.
-func (b *fillBuffer[V]) get(h uint64, now int64) (*entry[V], bool, map[uint64]pendingFill[V]) {
+func (b *fillBuffer[V]) get(h uint64, now int64) (*entry[V], bool, map[uint64]*entry[V]) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	e, ok := b.find(h)
@@ -57,31 +52,34 @@ func (b *fillBuffer[V]) lookup(h uint64) (*entry[V], bool) {
 }
 
 func (b *fillBuffer[V]) find(h uint64) (*entry[V], bool) {
-	f, ok := b.cur[h]
+	e, ok := b.cur[h]
 	if !ok {
-		f, ok = b.prev[h]
+		e, ok = b.prev[h]
 	}
-	return f.e, ok
+	return e, ok
 }
 
 // add adds a fill, replacing any pending fill of the same key, and returns
 // the batch to hand to ristretto if one is due.
-func (b *fillBuffer[V]) add(h uint64, f pendingFill[V], now int64) map[uint64]pendingFill[V] {
+func (b *fillBuffer[V]) add(h uint64, e *entry[V], now int64) map[uint64]*entry[V] {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if len(b.cur) == 0 {
 		if b.cur == nil {
-			b.cur = make(map[uint64]pendingFill[V], fillBatch)
+			b.cur = make(map[uint64]*entry[V], fillBatch)
 		}
 		b.started = now
 	}
-	b.bytes += f.cost - b.cur[h].cost
-	b.cur[h] = f
+	if old, ok := b.cur[h]; ok {
+		b.bytes -= old.cost
+	}
+	b.bytes += e.cost
+	b.cur[h] = e
 	return b.due(now)
 }
 
 // take returns the batch to hand to ristretto if one is due.
-func (b *fillBuffer[V]) take(now int64) map[uint64]pendingFill[V] {
+func (b *fillBuffer[V]) take(now int64) map[uint64]*entry[V] {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.due(now)
@@ -89,12 +87,12 @@ func (b *fillBuffer[V]) take(now int64) map[uint64]pendingFill[V] {
 
 // due returns the pending fills if they are due, making them the batch
 // last handed over.
-func (b *fillBuffer[V]) due(now int64) map[uint64]pendingFill[V] {
+func (b *fillBuffer[V]) due(now int64) map[uint64]*entry[V] {
 	if len(b.cur) == 0 || len(b.cur) < fillBatch && b.bytes < b.limit && now-b.started < fillDelay {
 		return nil
 	}
 	batch := b.cur
-	b.prev, b.cur, b.bytes = batch, make(map[uint64]pendingFill[V], fillBatch), 0
+	b.prev, b.cur, b.bytes = batch, make(map[uint64]*entry[V], fillBatch), 0
 	return batch
 }
 
@@ -105,8 +103,8 @@ func (b *fillBuffer[V]) due(now int64) map[uint64]pendingFill[V] {
 func (b *fillBuffer[V]) drop(h uint64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if f, ok := b.cur[h]; ok {
-		b.bytes -= f.cost
+	if e, ok := b.cur[h]; ok {
+		b.bytes -= e.cost
 		delete(b.cur, h)
 	}
 }

@@ -2,6 +2,7 @@ package tiered
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -186,4 +187,24 @@ func (h processHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 
 func (h processHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return next
+}
+
+// envelopePayload returns the payload of the envelope b.
+func envelopePayload[B ~string | ~[]byte](b B) ([]byte, error) {
+	env, err := decodeEnvelope([]byte(b))
+	return env.payload, err
+}
+
+// encodeInvalidation returns a message from origin naming keys, as the
+// delete script would publish it for a write of version.
+func encodeInvalidation(origin, version uint64, keys ...string) []byte {
+	b := binary.BigEndian.AppendUint64(messageHead(msgKeys, origin), version)
+	return append(b, encodeKeys(keys...)...)
+}
+
+// encodeValueMessage returns a message from origin carrying envelope as the
+// new value of key, as the write script would publish it.
+func encodeValueMessage(origin, version uint64, key string, envelope []byte) []byte {
+	b := binary.BigEndian.AppendUint64(messageHead(msgValue, origin), version)
+	return append(append(b, encodeKeys(key)...), envelope...)
 }

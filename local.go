@@ -31,12 +31,18 @@ const entryOverhead = 128
 // entry is what L1 stores: the decoded value and what is needed to decide,
 // without touching anything else, whether it may still be served.
 type entry[V any] struct {
+	// Read by every hit.
 	value    V
 	check    uint64 // the key's second hash (see local)
 	expires  int64  // coarse-clock UnixNano from which the entry is dead
 	gen      uint64 // the key's slot generation when its fill began
 	epoch    uint64 // the subscription epoch when its fill began
 	notFound bool   // a remembered ErrNotFound
+
+	// Read by writes and invalidations.
+	fenced  bool   // kept by wrote or heard, under a generation of its own
+	version uint64 // the version Redis gave the value; 0 if it has none
+	cost    int64  // what it is charged in L1
 }
 
 // ticket records the state of the world when a fill of a key began. The
@@ -64,21 +70,22 @@ func (t ticket) healthy() bool { return t.epoch&1 == 0 }
 // stale value fails that check and is a miss.
 //
 // ristretto is keyed by the key's 64-bit maphash, computed once per call;
-// it also picks the generation slot and the own-write slot. A second
+// it also picks the generation slot. A second
 // maphash, with another seed, is kept in the entry and compared on a hit.
 // That is what ristretto does by default (with xxhash and memhash, both
 // slower for short keys): a key is identified by 128 bits of hash, and two
 // keys share them with probability 2^-128. Comparing the keys themselves
 // would cost a cache miss on the stored key's bytes.
 type local[V any] struct {
-	store *ristretto.Cache[uint64, *entry[V]]
-	clock *clock
-	epoch *atomic.Uint64 // owned by the subscriber; odd while unhealthy
-	seed  [2]maphash.Seed
-	gens  []atomic.Uint64 // a power of two long
-	reads readCounters
-	fills fillBuffer[V]
-	own   []ownWrites // this instance's writes, by generation slot
+	store  *ristretto.Cache[uint64, *entry[V]]
+	clock  *clock
+	epoch  *atomic.Uint64 // owned by the subscriber; odd while unhealthy
+	seed   [2]maphash.Seed
+	gens   []atomic.Uint64 // a power of two long
+	newest []atomic.Uint64 // per generation slot: the newest version an invalidation named
+	locks  [storeLocks]sync.Mutex
+	reads  readCounters
+	fills  fillBuffer[V]
 
 	// ristretto panics when Set or Del race Close; writers hold mu for
 	// reading and Close takes it for writing.
@@ -109,7 +116,7 @@ func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V
 	}
 	slots := genSlots(maxBytes)
 	l := &local[V]{store: store, clock: clk, epoch: epoch,
-		gens: make([]atomic.Uint64, slots), own: make([]ownWrites, slots)}
+		gens: make([]atomic.Uint64, slots), newest: make([]atomic.Uint64, slots)}
 	l.seed = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
 	// Fills waiting for ristretto are not in its cost: keep them, and the
 	// batch handed over last, to an eighth of it.
@@ -175,51 +182,29 @@ func (l *local[V]) begin(key string) ticket {
 	return ticket{hash: h, check: l.check(key), gen: l.gen(h).Load(), epoch: ep}
 }
 
-// beginWrite marks the start of this instance's own write of key and returns
-// the generation it moved the slot to. The bump invalidates fills that began
-// before the write and may still hold the value it replaces.
-func (l *local[V]) beginWrite(key string) (ticket, uint64) {
-	t := l.begin(key)
-	g := l.gen(t.hash).Add(1)
-	return t, g
-}
-
-// endWrite marks the end of a write started with beginWrite, after Redis
-// answered. It bumps the slot again, which invalidates fills that began
-// during the write (they may have read the old value), and returns the
-// ticket under which the written value may be stored. ok is false when any
-// other write, fill-invalidation or gap touched the slot while this write
-// was in flight: then which value Redis kept is unknown here, and the value
-// must not be stored.
-//
-// For two overlapping writes of one key, A and B, whichever ends last bumps
-// after the other stored (or decided not to store), so the other's entry is
-// invalid; and the last one sees the other's bump inside its own window and
-// does not store. The next read fills from Redis, which decides.
-func (l *local[V]) endWrite(t ticket, started uint64) (ticket, bool) {
-	g := l.gen(t.hash).Add(1)
-	t.gen = g
-	return t, g == started+1 && t.healthy() && l.epoch.Load() == t.epoch
-}
-
 // set stores e, filled under ticket t, for its key. If wait (an own write,
 // or a value loaded while Redis failed), it hands e to ristretto and waits
 // until ristretto has applied it, so that it outlives the fill buffer
 // (unless ristretto's admission policy rejected it, which it does only
 // when L1 is full). Otherwise e goes to the fill buffer, where the next get
 // already finds it.
-func (l *local[V]) set(t ticket, e *entry[V], cost int64, wait bool) {
+func (l *local[V]) set(t ticket, e *entry[V], wait bool) {
 	e.check, e.gen, e.epoch = t.check, t.gen, t.epoch
 	if !wait {
-		if batch := l.fills.add(t.hash, pendingFill[V]{e, cost}, l.clock.now()); batch != nil {
+		if batch := l.fills.add(t.hash, e, l.clock.now()); batch != nil {
 			l.hand(batch)
 		}
 		return
 	}
-	l.fills.drop(t.hash)
+	l.put(t.hash, e)
+}
+
+// put hands e to ristretto and waits until ristretto has applied it.
+func (l *local[V]) put(h uint64, e *entry[V]) {
+	l.fills.drop(h)
 	l.mu.RLock()
 	defer l.mu.RUnlock()
-	if l.closed || !l.store.Set(t.hash, e, cost) {
+	if l.closed || !l.store.Set(h, e, e.cost) {
 		return
 	}
 	l.store.Wait()
@@ -227,9 +212,131 @@ func (l *local[V]) set(t ticket, e *entry[V], cost int64, wait bool) {
 	// a batch of fills, handed over but not waited for, with a fill that
 	// began before this write). Now the key is stored, and a Set of a
 	// stored key applies at once.
-	if got, found := l.store.Get(t.hash); found && got != e {
-		l.store.Set(t.hash, e, cost)
+	if got, found := l.store.Get(h); found && got != e {
+		l.store.Set(h, e, e.cost)
 	}
+}
+
+// storeLocks is the number of locks that serialize wrote and heard for
+// the keys that hash to them.
+const storeLocks = 64
+
+// L1 is fed by two streams that race: the values this instance writes
+// (Set, loads it wrote back), stored when Redis answers, and the
+// invalidations of every instance's writes, applied as they arrive. Both
+// carry the version Redis gave the write, and for one key Redis' versions
+// grow in the order it ran the writes. So the rule that orders the streams
+// is a comparison: L1 takes a value only if it is newer than every version
+// of its key it has seen, and an invalidation removes only what is older
+// than it. wrote and heard apply it, each under the key's lock; fills from
+// Redis reads, which do not race this way, are checked by their tickets
+// alone.
+//
+// The versions heard are kept per generation slot, not per key: a store
+// also gives way to a newer write of another key in its slot, which costs a
+// miss, never a stale hit.
+
+// wrote keeps e, the value of this instance's write of key that Redis
+// versioned e.version, unless L1 has seen a newer version of key (or of a
+// key in its slot), or the subscription had a gap since t was taken (before
+// the write: an invalidation of a newer write may have been lost). It bumps
+// the slot's generation, so fills that began before, which may hold older
+// values, are never served after it.
+func (l *local[V]) wrote(t ticket, e *entry[V]) {
+	h := t.hash
+	mu := l.lock(h)
+	mu.Lock()
+	defer mu.Unlock()
+	if !t.healthy() || l.epoch.Load() != t.epoch || l.newestOf(h).Load() > e.version {
+		return
+	}
+	if cur := l.servable(h, t.check); cur != nil && cur.version > e.version {
+		return
+	}
+	e.check, e.gen, e.epoch, e.fenced = t.check, l.gen(h).Add(1), t.epoch, true
+	l.put(h, e)
+}
+
+// heard applies an invalidation of key at version (a write Redis versioned
+// so). If L1 serves a value of key that wrote or heard kept, of that
+// version or newer, there is nothing to do: the invalidation is of that
+// write or an older one, and fills that began before it was kept are
+// already unservable.
+// Otherwise the slot's generation is bumped, which makes every entry and
+// fill of key older than now unservable, and L1 keeps the newest value it
+// knows: the one it served if that is newer than version (kept under the
+// new generation), else the one replacement returns (the message's value;
+// nil if it had none or it does not decode), else none.
+//
+// replacement is called only if L1 held key, under key's lock.
+func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V]) {
+	h, check := l.hash(key), l.check(key)
+	mu := l.lock(h)
+	mu.Lock()
+	defer mu.Unlock()
+	for v := l.newestOf(h); ; {
+		cur := v.Load()
+		if cur >= version || v.CompareAndSwap(cur, version) {
+			break
+		}
+	}
+	cur, held := l.held(h, check)
+	if cur != nil && cur.fenced && cur.version >= version {
+		return
+	}
+	t := l.begin(key)
+	t.gen = l.gen(h).Add(1)
+	var e *entry[V]
+	switch {
+	case cur != nil && cur.version > version:
+		kept := *cur
+		e = &kept
+	case held && replacement != nil:
+		e = replacement()
+	}
+	if e == nil || !t.healthy() {
+		l.drop(h)
+		return
+	}
+	e.check, e.gen, e.epoch, e.fenced = t.check, t.gen, t.epoch, true
+	l.put(h, e)
+}
+
+func (l *local[V]) lock(h uint64) *sync.Mutex { return &l.locks[h%storeLocks] }
+
+func (l *local[V]) newestOf(h uint64) *atomic.Uint64 { return &l.newest[h&uint64(len(l.newest)-1)] }
+
+// held returns the entry L1 would serve for the key with hashes h and
+// check, if any, and whether L1 holds one at all, servable or not.
+func (l *local[V]) held(h, check uint64) (servable *entry[V], held bool) {
+	gen, epoch, now := l.gen(h).Load(), l.epoch.Load(), l.clock.now()
+	ok := func(e *entry[V]) bool { return e.gen == gen && e.epoch == epoch && e.expires > now }
+	l.mu.RLock()
+	e, found := (*entry[V])(nil), false
+	if !l.closed {
+		e, found = l.store.Get(h)
+	}
+	l.mu.RUnlock()
+	if found && e.check == check {
+		if ok(e) {
+			return e, true
+		}
+		held = true
+	}
+	if e, found := l.fills.lookup(h); found && e.check == check {
+		if ok(e) {
+			return e, true
+		}
+		held = true
+	}
+	return nil, held
+}
+
+// servable returns the entry L1 would serve for the key with hashes h and
+// check, or nil.
+func (l *local[V]) servable(h, check uint64) *entry[V] {
+	e, _ := l.held(h, check)
+	return e
 }
 
 // handDue hands the pending fills to ristretto if they are due. The clock
@@ -244,16 +351,16 @@ func (l *local[V]) handDue() {
 
 // hand gives a batch of fills to ristretto. Fills that are no longer
 // servable are left out.
-func (l *local[V]) hand(batch map[uint64]pendingFill[V]) {
+func (l *local[V]) hand(batch map[uint64]*entry[V]) {
 	epoch := l.epoch.Load()
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if l.closed {
 		return
 	}
-	for h, f := range batch {
-		if f.e.gen == l.gen(h).Load() && f.e.epoch == epoch {
-			l.store.Set(h, f.e, f.cost)
+	for h, e := range batch {
+		if e.gen == l.gen(h).Load() && e.epoch == epoch {
+			l.store.Set(h, e, e.cost)
 		}
 	}
 }
@@ -262,106 +369,17 @@ func (l *local[V]) hand(batch map[uint64]pendingFill[V]) {
 func (l *local[V]) invalidate(key string) {
 	h := l.hash(key)
 	l.gen(h).Add(1)
+	l.drop(h)
+}
+
+// drop frees the memory of the key with hash h.
+func (l *local[V]) drop(h uint64) {
 	l.fills.drop(h)
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if !l.closed {
 		l.store.Del(h)
 	}
-}
-
-// replace makes every entry of key unservable, like invalidate, and
-// returns the ticket under which the value replacing them may be stored.
-// The old entry's memory is left to the replacement.
-func (l *local[V]) replace(key string) ticket {
-	h := l.hash(key)
-	l.gen(h).Add(1)
-	l.fills.drop(h)
-	return l.begin(key)
-}
-
-// holds reports whether L1 has an entry for key, servable or not.
-func (l *local[V]) holds(key string) bool {
-	h, check := l.hash(key), l.check(key)
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	if l.closed {
-		return false
-	}
-	if e, ok := l.store.Get(h); ok && e.check == check {
-		return true
-	}
-	e, ok := l.fills.lookup(h)
-	return ok && e.check == check
-}
-
-// ownWrites tracks this instance's writes (Set, Delete) of the keys of
-// one generation slot.
-type ownWrites struct {
-	pending   atomic.Int64  // writes whose messages have not come back yet
-	inflight  atomic.Int64  // writes still waiting for Redis
-	last      atomic.Int64  // clock time the last write ended
-	gen       atomic.Uint64 // the slot's generation when the last write ended
-	uncertain atomic.Int64  // clock time until which a failed write's message may still come
-}
-
-func (l *local[V]) ownOf(h uint64) *ownWrites { return &l.own[h&uint64(len(l.own)-1)] }
-
-// writing records that this instance is about to write key.
-func (l *local[V]) writing(key string) {
-	w := l.ownOf(l.hash(key))
-	w.pending.Add(1)
-	w.inflight.Add(1)
-}
-
-// wrote records that a write of key, begun with writing, has ended, and
-// that L1 now holds what it wrote (or nothing). If the write failed, Redis
-// may still run it later (a command that timed out here can be on the
-// wire), within unsure, and its message may then take as long again to
-// come; until then, an own message must be applied.
-func (l *local[V]) wrote(key string, unsure time.Duration) {
-	h := l.hash(key)
-	w := l.ownOf(h)
-	now := l.clock.now()
-	if unsure > 0 {
-		w.uncertain.Store(now + 2*int64(unsure))
-	}
-	w.gen.Store(l.gen(h).Load())
-	w.last.Store(now)
-	w.inflight.Add(-1)
-}
-
-// movedSince reports whether this instance's message about key must be
-// applied rather than skipped: anything touched key's generation since
-// this instance's last write of it (or of a key sharing its slot) ended, or
-// a write that failed may have run in Redis since. While a write is in
-// flight, what touches the key meanwhile is covered by the write's end,
-// which makes it unservable.
-func (l *local[V]) movedSince(key string) bool {
-	h := l.hash(key)
-	w := l.ownOf(h)
-	return l.clock.now() < w.uncertain.Load() ||
-		w.inflight.Load() == 0 && l.gen(h).Load() != w.gen.Load()
-}
-
-// echoed records that the message of one of this instance's writes of key
-// came back. A write whose script Redis ran twice (go-redis retries after a
-// lost reply) comes back twice; pending stays at zero rather than going
-// below and leaving the next write unprotected.
-func (l *local[V]) echoed(key string) {
-	p := &l.ownOf(l.hash(key)).pending
-	for n := p.Load(); n > 0 && !p.CompareAndSwap(n, n-1); n = p.Load() {
-	}
-}
-
-// unechoed reports whether a message of this instance's write of key (or
-// of a key sharing its slot) may still be on its way. A message that never
-// comes (its write failed before reaching Redis) stops counting d after
-// the write ended. (While a write is in flight, its endWrite makes what
-// was stored meanwhile unservable.)
-func (l *local[V]) unechoed(key string, d time.Duration) bool {
-	w := l.ownOf(l.hash(key))
-	return w.pending.Load() > 0 && l.clock.now()-w.last.Load() < int64(d)
 }
 
 // invalidateAll makes every entry unservable. Memory is reclaimed as the

@@ -3,6 +3,7 @@ package tiered
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -11,12 +12,16 @@ import (
 // Options configures a Cache. Redis and Namespace are required; every other
 // field has a usable zero value, documented with the field.
 type Options struct {
-	// Redis is the L2 client: a *redis.Client, *redis.ClusterClient or a
-	// failover client. The Cache never closes it. Bound how long a slow Redis
-	// can hold a call with the client's ReadTimeout and WriteTimeout. A
-	// ClusterClient must read from masters (not ReadOnly, RouteByLatency or
-	// RouteRandomly): a lagging replica would refill L1 with overwritten
-	// values.
+	// Redis is the L2 client: a *redis.Client (single node, or Sentinel
+	// through redis.NewFailoverClient) or a *redis.ClusterClient (Cluster,
+	// or redis.NewFailoverClusterClient). New rejects every other
+	// implementation of redis.UniversalClient, *redis.Ring included: the
+	// Cache must know which connection an invalidation travels on to prove
+	// that none was lost, and a Ring's shards each publish on their own.
+	// The Cache never closes it. Bound how long a slow Redis can hold a call
+	// with the client's ReadTimeout and WriteTimeout. A ClusterClient must
+	// read from masters (not ReadOnly, RouteByLatency or RouteRandomly): a
+	// lagging replica would refill L1 with overwritten values.
 	Redis redis.UniversalClient
 
 	// Namespace prefixes every Redis key ("<Namespace>:<key>") and names the
@@ -68,7 +73,7 @@ type Options struct {
 	HeartbeatInterval time.Duration
 
 	// PublishValueMaxBytes lets Set send values of up to this many bytes
-	// (encoded) with their invalidation. Every other instance that holds
+	// (encoded; at most 1 MiB) with their invalidation. Every other instance that holds
 	// the key in L1 then replaces it with the new value at once, instead of
 	// dropping it and reading Redis on its next read; one that does not
 	// hold it ignores the value. Larger values are only invalidated. Each
@@ -116,6 +121,11 @@ const (
 	defaultHeartbeatInterval = 500 * time.Millisecond
 	defaultWaitTimeout       = time.Second
 	defaultPublishValueMax   = 4 << 10
+
+	// maxPublishValue bounds PublishValueMaxBytes: Redis disconnects a
+	// subscriber whose output buffer holds 32 MB (or 8 MB for 60 s), and a
+	// few large values in a burst must not come near that.
+	maxPublishValue = 1 << 20
 )
 
 // withDefaults validates o and fills in its defaults.
@@ -129,8 +139,17 @@ func (o Options) withDefaults() (Options, error) {
 		return o, fmt.Errorf("%w: Options.LocalMaxBytes is negative", ErrInvalidOption)
 	case o.LocalTTL < 0, o.RemoteTTL < 0, o.NegativeTTL < 0, o.LoadTimeout < 0, o.HeartbeatInterval < 0:
 		return o, fmt.Errorf("%w: negative duration in Options", ErrInvalidOption)
-	case o.RemoteTTLJitter >= 1:
-		return o, fmt.Errorf("%w: Options.RemoteTTLJitter must be below 1", ErrInvalidOption)
+	case o.RemoteTTLJitter >= 1 || math.IsNaN(o.RemoteTTLJitter) || math.IsInf(o.RemoteTTLJitter, 0):
+		return o, fmt.Errorf("%w: Options.RemoteTTLJitter must be a number below 1", ErrInvalidOption)
+	case o.PublishValueMaxBytes > maxPublishValue:
+		return o, fmt.Errorf("%w: Options.PublishValueMaxBytes above %d", ErrInvalidOption, maxPublishValue)
+	}
+	switch o.Redis.(type) {
+	case *redis.Client, *redis.ClusterClient:
+	case *redis.Ring:
+		return o, fmt.Errorf("%w: Options.Redis is a *redis.Ring, whose shards each carry their own invalidations, which one subscription cannot hear; use a *redis.Client or *redis.ClusterClient", ErrInvalidOption)
+	default:
+		return o, fmt.Errorf("%w: Options.Redis is a %T; the Cache works with a *redis.Client (single node or Sentinel) or a *redis.ClusterClient, whose connections it knows how to watch", ErrInvalidOption, o.Redis)
 	}
 	if o.LocalMaxBytes == 0 {
 		o.LocalMaxBytes = defaultLocalMaxBytes
@@ -180,8 +199,6 @@ func (o Options) withDefaults() (Options, error) {
 			readTimeout = c.Options().ReadTimeout
 		case *redis.ClusterClient:
 			readTimeout = c.Options().ReadTimeout
-		default:
-			return o, fmt.Errorf("%w: WaitReplicas needs a *redis.Client or *redis.ClusterClient, not %T", ErrInvalidOption, o.Redis)
 		}
 		if readTimeout > 0 && o.WaitTimeout >= readTimeout {
 			return o, fmt.Errorf("%w: WaitTimeout %v is not below the client's ReadTimeout %v", ErrInvalidOption, o.WaitTimeout, readTimeout)
@@ -224,7 +241,7 @@ func (c *Cache[V]) ttls(key string, opts []ItemOption) (localTTL, remoteTTL time
 		}
 	}
 	if localTTL == 0 && c.opts.LocalTTLFunc != nil {
-		localTTL = max(c.opts.LocalTTLFunc(key), 0)
+		localTTL = max(c.localTTLFunc(key), 0)
 	}
 	if localTTL == 0 {
 		localTTL = c.opts.LocalTTL
@@ -233,4 +250,17 @@ func (c *Cache[V]) ttls(key string, opts []ItemOption) (localTTL, remoteTTL time
 		remoteTTL = c.opts.RemoteTTL
 	}
 	return localTTL, remoteTTL, nil
+}
+
+// localTTLFunc calls Options.LocalTTLFunc. A panic in it must not crash the
+// subscriber, which calls it for values that come with invalidations: it
+// counts as a zero result (Options.LocalTTL), logged.
+func (c *Cache[V]) localTTLFunc(key string) (d time.Duration) {
+	defer func() {
+		if p := recover(); p != nil {
+			d = 0
+			c.panicLog.warn("tiered: Options.LocalTTLFunc panicked; using LocalTTL", "key", key, "panic", p)
+		}
+	}()
+	return c.opts.LocalTTLFunc(key)
 }

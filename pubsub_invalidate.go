@@ -34,15 +34,20 @@ import (
 //
 //   - Any receive error is a gap: the epoch becomes odd, so everything in L1
 //     becomes a miss at once.
-//   - To catch silent stalls, a heartbeat is published every interval on a
-//     channel only this subscriber listens to. If none comes back for three
-//     intervals, that is a gap too, and the subscription is rebuilt.
-//   - The epoch becomes even again only when a heartbeat published after
-//     the gap was noticed comes back. That proves the resubscription was in
-//     place (go-redis resubscribes every channel in one SUBSCRIBE) before
-//     that heartbeat was published. Fills that began before the heal carry
-//     the odd epoch (or an older even one) and are never served after it, so
-//     a value read while messages could have been lost is never trusted.
+//   - To catch silent stalls, the subscriber sends a PING every interval on
+//     the subscription's own connection. If one stays unanswered for three
+//     intervals, that is a gap too, and the subscription is rebuilt. The
+//     PING uses no connection of the command pool, so a pool that is busy
+//     (say, with blocking commands) cannot make a healthy subscription look
+//     dead.
+//   - The epoch becomes even again only when the answer to a PING sent
+//     after the gap was noticed comes back. Redis answers the commands of a
+//     connection in order, and go-redis sends the (re)SUBSCRIBE of every
+//     channel on a new connection before anything else, so that answer
+//     proves the subscription was in place. Fills that began before the
+//     heal carry the odd epoch (or an older even one) and are never served
+//     after it, so a value read while messages could have been lost is
+//     never trusted.
 type subscriber struct {
 	client    redis.UniversalClient
 	hbChannel string
@@ -51,9 +56,10 @@ type subscriber struct {
 
 	epoch    atomic.Uint64 // odd while unhealthy; read by every L1 hit
 	stateMu  sync.Mutex    // serializes gap and heal
-	gapSeq   uint64        // heartbeats up to this one were sent before the last gap
-	hbSeq    atomic.Uint64 // last heartbeat sequence number published
-	lastEcho atomic.Int64  // UnixNano of the last heartbeat received
+	gapSeq   uint64        // pings up to this one were sent before the last gap
+	pingSeq  atomic.Uint64 // last ping sequence number sent
+	pingSent atomic.Int64  // UnixNano of the oldest unanswered ping; 0 if none
+	pinging  atomic.Bool   // a ping is being sent
 
 	gaps     atomic.Uint64
 	hbMisses atomic.Uint64
@@ -140,8 +146,7 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 		channels:  make(map[string]*channelMembers),
 		kick:      make(chan struct{}, 1),
 	}
-	s.epoch.Store(1) // unhealthy until the first heartbeat comes back
-	s.lastEcho.Store(time.Now().UnixNano())
+	s.epoch.Store(1) // unhealthy until the first ping is answered
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	// Subscribe dials now; if Redis is down the loop keeps redialing.
 	s.ps = client.Subscribe(s.ctx, s.hbChannel)
@@ -212,7 +217,7 @@ func (s *subscriber) healthy() bool { return s.epoch.Load()&1 == 0 }
 func (s *subscriber) gap(reason string, err error) bool {
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
-	s.gapSeq = s.hbSeq.Load()
+	s.gapSeq = s.pingSeq.Load()
 	if s.epoch.Load()&1 == 1 {
 		return false
 	}
@@ -293,7 +298,7 @@ func (s *subscriber) watchCluster(cc *redis.ClusterClient) {
 	}
 }
 
-// heal records that heartbeat seq came back.
+// heal records that ping seq was answered.
 func (s *subscriber) heal(seq uint64) {
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
@@ -305,7 +310,6 @@ func (s *subscriber) heal(seq uint64) {
 
 func (s *subscriber) receive() {
 	defer s.wg.Done()
-	deadAfter := 3 * s.interval
 	for s.ctx.Err() == nil {
 		s.mu.Lock()
 		ps := s.ps
@@ -330,12 +334,6 @@ func (s *subscriber) receive() {
 				return
 			}
 		}
-		if time.Now().UnixNano()-s.lastEcho.Load() > int64(deadAfter) {
-			if s.gap("heartbeat missed", nil) {
-				s.hbMisses.Add(1)
-			}
-			s.rebuild()
-		}
 	}
 }
 
@@ -350,22 +348,25 @@ func (s *subscriber) rebuild() {
 		chans = append(chans, ch)
 	}
 	s.ps = s.client.Subscribe(s.ctx, chans...)
-	s.lastEcho.Store(time.Now().UnixNano())
+	s.pingSent.Store(0)
 	s.mu.Unlock()
-	_ = old.Close()
+	// Close takes the old PubSub's lock, which a ping stuck in a write
+	// on the stalled connection may hold until its WriteTimeout.
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		_ = old.Close()
+	}()
 }
 
 func (s *subscriber) handle(msg any) {
 	switch m := msg.(type) {
-	case *redis.Message:
-		if m.Channel == s.hbChannel {
-			seq, err := strconv.ParseUint(m.Payload, 10, 64)
-			if err == nil {
-				s.lastEcho.Store(time.Now().UnixNano())
-				s.heal(seq)
-			}
-			return
+	case *redis.Pong:
+		if seq, err := strconv.ParseUint(m.Payload, 10, 64); err == nil {
+			s.pingSent.Store(0)
+			s.heal(seq)
 		}
+	case *redis.Message:
 		s.mu.Lock()
 		var members []member
 		if cm := s.channels[m.Channel]; cm != nil {
@@ -383,7 +384,7 @@ func (s *subscriber) handle(msg any) {
 			// A (re)subscription. go-redis may have replaced the connection
 			// without returning an error (e.g. a maintenance handoff), losing
 			// what the old one had not delivered: count it as a gap (a no-op
-			// if one was already noticed). Then ask for a heartbeat now rather
+			// if one was already noticed). Then ask for a ping now rather
 			// than at the next tick, so L1 is back in use within a round trip.
 			s.gap("resubscribed", nil)
 			select {
@@ -403,8 +404,13 @@ func (s *subscriber) handle(msg any) {
 	}
 }
 
+// heartbeat pings the subscription's connection every interval, and
+// declares it dead when a ping stays unanswered for 3 intervals. Pings are
+// sent on a goroutine of their own, one at a time: a write stuck on a
+// stalled connection must not delay the check.
 func (s *subscriber) heartbeat() {
 	defer s.wg.Done()
+	deadAfter := int64(3 * s.interval)
 	t := time.NewTicker(s.interval)
 	defer t.Stop()
 	for {
@@ -414,47 +420,63 @@ func (s *subscriber) heartbeat() {
 		case <-s.ctx.Done():
 			return
 		}
-		seq := s.hbSeq.Add(1)
-		// An error needs no handling: the missing echo is what counts. The
-		// publish gets one interval: on a cluster, go-redis sends each one
-		// to the next master in turn, and one sent to a dead master would
-		// otherwise spend seconds in dial retries, delaying the heartbeats
-		// through the live ones until a healthy subscription looks dead.
-		ctx, cancel := context.WithTimeout(s.ctx, s.interval)
-		_ = s.client.Publish(ctx, s.hbChannel, strconv.FormatUint(seq, 10)).Err()
-		cancel()
+		if sent := s.pingSent.Load(); sent != 0 && time.Now().UnixNano()-sent > deadAfter {
+			if s.gap("ping unanswered", nil) {
+				s.hbMisses.Add(1)
+			}
+			s.rebuild()
+		}
+		if !s.pinging.CompareAndSwap(false, true) {
+			continue
+		}
+		s.mu.Lock()
+		ps := s.ps
+		s.mu.Unlock()
+		seq := s.pingSeq.Add(1)
+		s.pingSent.CompareAndSwap(0, time.Now().UnixNano())
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer s.pinging.Store(false)
+			// An error needs no handling: the missing answer is what counts
+			// (and a broken connection fails the receive loop's read too).
+			ctx, cancel := context.WithTimeout(s.ctx, s.interval)
+			defer cancel()
+			_ = ps.Ping(ctx, strconv.FormatUint(seq, 10))
+		}()
 	}
 }
 
-// An invalidation message is a kind byte and the sending Cache's 8-byte id,
-// followed, for msgKeys, by each key as a uvarint length and its bytes, or,
-// for msgValue, by one key so written and then, to the end, the key's new
-// envelope as stored in Redis.
+// An invalidation message is a kind byte, the sending Cache's 8-byte id and
+// the 8-byte version Redis gave the write (the script puts it there), then,
+// for msgKeys, each key as a uvarint length and its bytes, or, for msgValue,
+// one key so written and then, to the end, the key's new envelope as stored
+// in Redis. The client sends the script the head (kind and id) and the keys;
+// the script joins them around the version.
 const (
 	msgKeys  = 'k'
 	msgValue = 'v'
+
+	msgHeader = 17 // kind, origin, version
 )
 
-// encodeInvalidation returns a msgKeys message naming keys.
-func encodeInvalidation(origin uint64, keys ...string) []byte {
-	n := 9
+// messageHead returns the kind byte and origin of a message.
+func messageHead(kind byte, origin uint64) []byte {
+	return binary.BigEndian.AppendUint64(append(make([]byte, 0, 9), kind), origin)
+}
+
+// encodeKeys returns the key list of a message.
+func encodeKeys(keys ...string) []byte {
+	n := 0
 	for _, k := range keys {
 		n += binary.MaxVarintLen64 + len(k)
 	}
-	b := binary.BigEndian.AppendUint64(append(make([]byte, 0, n), msgKeys), origin)
+	b := make([]byte, 0, n)
 	for _, k := range keys {
 		b = binary.AppendUvarint(b, uint64(len(k)))
 		b = append(b, k...)
 	}
 	return b
-}
-
-// encodeValueHeader returns a msgValue message for key without its
-// envelope, which the write script appends.
-func encodeValueHeader(origin uint64, key string) []byte {
-	b := binary.BigEndian.AppendUint64(append(make([]byte, 0, 9+binary.MaxVarintLen64+len(key)), msgValue), origin)
-	b = binary.AppendUvarint(b, uint64(len(key)))
-	return append(b, key...)
 }
 
 var errBadInvalidation = errors.New("tiered: malformed invalidation message")
@@ -463,16 +485,18 @@ var errBadInvalidation = errors.New("tiered: malformed invalidation message")
 // message.
 type invalidation struct {
 	origin   uint64
+	version  uint64
 	keys     []string
 	envelope string // msgValue: the new envelope of keys[0]
 }
 
 func decodeInvalidation(p string) (m invalidation, err error) {
-	if len(p) < 9 || p[0] != msgKeys && p[0] != msgValue {
+	if len(p) < msgHeader || p[0] != msgKeys && p[0] != msgValue {
 		return m, errBadInvalidation
 	}
 	m.origin = binary.BigEndian.Uint64([]byte(p[1:9]))
-	for rest := p[9:]; len(rest) > 0; {
+	m.version = binary.BigEndian.Uint64([]byte(p[9:17]))
+	for rest := p[msgHeader:]; len(rest) > 0; {
 		n, w := binary.Uvarint([]byte(rest[:min(len(rest), binary.MaxVarintLen64)]))
 		if w <= 0 || n > uint64(len(rest)-w) {
 			return m, errBadInvalidation
@@ -484,7 +508,7 @@ func decodeInvalidation(p string) (m invalidation, err error) {
 			break
 		}
 	}
-	if p[0] == msgValue && (len(m.keys) != 1 || m.envelope == "") {
+	if len(m.keys) == 0 || p[0] == msgValue && m.envelope == "" {
 		return m, errBadInvalidation
 	}
 	return m, nil

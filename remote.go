@@ -2,6 +2,7 @@ package tiered
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync/atomic"
@@ -10,36 +11,92 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
+// versionLua is the prelude of every script that writes a value or deletes
+// one. next_version(key) returns the version of a write of key: Redis' clock
+// in microseconds, or, if that is not above the version of the value key
+// holds now, that version plus one. So the versions of one key's values only
+// grow in the order Redis ran their writes, also within a microsecond and
+// across a Delete (which takes a version too). be64 renders a version as 8
+// big-endian bytes. Lua numbers are doubles, exact to 2^53; versions stay
+// far below (2^52 microseconds is the year 2112), and a foreign value that
+// looks like a larger version is ignored so that versions keep growing.
+const versionLua = `
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function next_version(key)
+  local v = clock
+  if redis.call('TYPE', key).ok == 'string' then
+    local h = redis.call('GETRANGE', key, 0, 9)
+    if #h == 10 and string.byte(h, 1) == 2 then
+      local old = 0
+      for i = 3, 10 do old = old * 256 + string.byte(h, i) end
+      if old < 4503599627370496 and old >= v then v = old + 1 end
+    end
+  end
+  return v
+end
+local function be64(v)
+  local b = {}
+  for i = 8, 1, -1 do
+    b[i] = string.char(v % 256)
+    v = math.floor(v / 256)
+  end
+  return table.concat(b)
+end
+local function stamp(env, v) return string.sub(env, 1, 2) .. v .. string.sub(env, 11) end
+`
+
 // writeScript stores a value and publishes its invalidation in one round
 // trip, atomically: no instance can see the new value in Redis while its
-// invalidation is still unsent, and a write cannot land without one. If
-// ARGV[5] is "1", the value is appended to the message (see msgValue), so
-// that it crosses the network once on its way in.
-var writeScript = redis.NewScript(`
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local msg = ARGV[4]
-if ARGV[5] == '1' then msg = msg .. ARGV[1] end
+// invalidation is still unsent, and a write cannot land without one. The
+// message is ARGV[4], the version, ARGV[5] (see encodeInvalidation) and, if
+// ARGV[6] is "1", the stamped envelope, so that the value crosses the
+// network once on its way in. It returns the version.
+var writeScript = redis.NewScript(versionLua + `
+local v = be64(next_version(KEYS[1]))
+local env = stamp(ARGV[1], v)
+redis.call('SET', KEYS[1], env, 'PX', ARGV[2])
+local msg = ARGV[4] .. v .. ARGV[5]
+if ARGV[6] == '1' then msg = msg .. env end
 redis.call('PUBLISH', ARGV[3], msg)
-return 1`)
+return v`)
 
 // deleteScript deletes keys (all in one slot on a cluster) and publishes one
-// invalidation naming them all.
-var deleteScript = redis.NewScript(`
+// invalidation naming them all, under a version above each key's.
+var deleteScript = redis.NewScript(versionLua + `
+local v = 0
+for _, k in ipairs(KEYS) do v = math.max(v, next_version(k)) end
 redis.call('DEL', unpack(KEYS))
-redis.call('PUBLISH', ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. be64(v) .. ARGV[3])
 return 1`)
 
-// replaceScript stores a value unless the key holds something other than
-// ARGV[3]: a compare-and-set that replaces a corrupt value but not a value
-// written since it was read.
-var replaceScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[3] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1`)
+// fillScript stores a loaded value if the key still holds what the load
+// found there: nothing (ARGV[3] "absent"), the same corrupt string ("same",
+// ARGV[4]), or a value of another Redis type ("type", which it deletes
+// first). A value written by Set while the load ran is newer than the
+// loaded one and wins. It returns the version, or nil if it stored nothing.
+var fillScript = redis.NewScript(versionLua + `
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'none' then
+  if ARGV[3] == 'type' and t ~= 'string' then
+    redis.call('DEL', KEYS[1])
+  elseif not (ARGV[3] == 'same' and t == 'string' and redis.call('GET', KEYS[1]) == ARGV[4]) then
+    return false
+  end
+end
+local v = be64(next_version(KEYS[1]))
+redis.call('SET', KEYS[1], stamp(ARGV[1], v), 'PX', ARGV[2])
+return v`)
 
-// maxKeysPerScript bounds unpack(KEYS) well below Lua's stack limit.
-const maxKeysPerScript = 1000
+// A Delete's keys are sent in scripts of at most maxKeysPerScript keys
+// (unpack(KEYS) must stay well below Lua's stack limit) and at most
+// maxMessageKeyBytes of key bytes, so that no invalidation message comes
+// near the output-buffer limit at which Redis disconnects a subscriber
+// (32 MB by default, 8 MB for 60 s).
+const (
+	maxKeysPerScript   = 1000
+	maxMessageKeyBytes = 64 << 10
+)
 
 // remote is L2: Redis, under the "<namespace>:" key prefix.
 type remote struct {
@@ -54,59 +111,102 @@ type remote struct {
 
 func (r *remote) key(k string) string { return r.prefix + k }
 
+// errWrongType means Redis holds a value of another type (a hash, a list)
+// under the key: not ours, like a corrupt string.
+var errWrongType = errors.New("tiered: redis holds a value of another type under the key")
+
 // get returns the raw L2 value of key; found is false if Redis has none.
+// A value of another Redis type is found, with errWrongType.
 func (r *remote) get(ctx context.Context, key string) (b []byte, found bool, err error) {
 	if err := r.breaker.allow(); err != nil {
 		return nil, false, err
 	}
 	b, err = r.client.Get(ctx, r.key(key)).Bytes()
-	if err == redis.Nil {
+	switch {
+	case err == redis.Nil:
 		r.breaker.record(nil)
 		return nil, false, nil
+	case err != nil && redis.HasErrorPrefix(err, "WRONGTYPE"):
+		r.breaker.record(nil) // Redis answered
+		return nil, true, errWrongType
 	}
 	return b, err == nil, r.check(ctx, err)
 }
 
-// write stores val under key for ttl and publishes msg on the invalidation
-// channel, atomically; with appendVal, msg followed by val.
-func (r *remote) write(ctx context.Context, key string, val []byte, ttl time.Duration, msg []byte, appendVal bool) error {
+// write stores env under key for ttl and publishes its invalidation, made
+// of head and tail around the version (see encodeInvalidation); with
+// withValue, the stamped envelope follows. It returns the version Redis
+// gave the value.
+func (r *remote) write(ctx context.Context, key string, env []byte, ttl time.Duration, head, tail []byte, withValue bool) (uint64, error) {
 	if err := r.breaker.allow(); err != nil {
-		return err
+		return 0, err
 	}
-	args := []any{val, ttl.Milliseconds(), r.channel, msg, "0"}
-	if appendVal {
-		args[4] = "1"
+	args := []any{env, ttl.Milliseconds(), r.channel, head, tail, "0"}
+	if withValue {
+		args[5] = "1"
 	}
+	call := &scriptCall{script: writeScript, keys: []string{r.key(key)}, args: args}
 	if r.waitReplicas > 0 {
-		return r.waited(ctx, []scriptCall{{writeScript, []string{r.key(key)}, args}})
+		if err := r.waited(ctx, []*scriptCall{call}); err != nil {
+			return 0, err
+		}
+	} else {
+		call.res = writeScript.Run(ctx, r.client, call.keys, args...)
+		if err := r.check(ctx, call.res.Err()); err != nil {
+			return 0, err
+		}
 	}
-	err := writeScript.Run(ctx, r.client, []string{r.key(key)}, args...).Err()
-	return r.check(ctx, err)
+	return parseVersion(call.res)
 }
 
-// fill stores a loaded value under key if Redis has no value for it (SET
-// NX), or, if held is not nil, if Redis still holds held (a corrupt value
-// the load replaces). A value written by Set while the load ran is newer
-// than the loaded one and must win. stored reports whether Redis took the
-// value. Nobody can hold the key in L1 while Redis has no value for it, or
-// a corrupt one, so no invalidation is published.
-func (r *remote) fill(ctx context.Context, key string, val []byte, ttl time.Duration, held []byte) (stored bool, err error) {
+// parseVersion reads the version a script returned.
+func parseVersion(cmd *redis.Cmd) (uint64, error) {
+	s, err := cmd.Text()
+	if err != nil || len(s) != 8 {
+		return 0, fmt.Errorf("%w: script returned %q, %v; want a version", ErrRemoteUnavailable, s, err)
+	}
+	return binary.BigEndian.Uint64([]byte(s)), nil
+}
+
+// fillMode says what a load found in Redis, which its write-back may
+// replace: nothing, a corrupt string, or a value of another type.
+type fillMode int
+
+const (
+	fillAbsent fillMode = iota
+	fillSame
+	fillWrongType
+)
+
+var fillModes = [...]string{fillAbsent: "absent", fillSame: "same", fillWrongType: "type"}
+
+// fill stores a loaded value under key if Redis still holds what the load
+// found (mode; held is the corrupt value for fillSame). A value written by
+// Set while the load ran is newer than the loaded one and must win. It
+// returns the version Redis gave the value, or stored false. Nobody can
+// hold the key in L1 while Redis has no value for it, or a corrupt one, so
+// no invalidation is published.
+func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Duration, mode fillMode, held []byte) (version uint64, stored bool, err error) {
 	if err := r.breaker.allow(); err != nil {
-		return false, err
+		return 0, false, err
 	}
-	if held != nil {
-		stored, err = replaceScript.Run(ctx, r.client, []string{r.key(key)}, val, ttl.Milliseconds(), held).Bool()
-		return stored, r.check(ctx, err)
+	cmd := fillScript.Run(ctx, r.client, []string{r.key(key)}, env, ttl.Milliseconds(), fillModes[mode], held)
+	if cmd.Err() == redis.Nil {
+		r.breaker.record(nil)
+		return 0, false, nil
 	}
-	stored, err = r.client.SetNX(ctx, r.key(key), val, ttl).Result()
-	return stored, r.check(ctx, err)
+	if err := r.check(ctx, cmd.Err()); err != nil {
+		return 0, false, err
+	}
+	version, err = parseVersion(cmd)
+	return version, err == nil, err
 }
 
-// del deletes keys and publishes, per script call, the invalidation that
-// msg builds for the keys of that call; it returns the number of calls. On
-// a cluster the keys are grouped by slot (a script may only touch one slot)
-// and the groups pipelined.
-func (r *remote) del(ctx context.Context, keys []string, msg func(keys []string) []byte) (int, error) {
+// del deletes keys and publishes, per script call, an invalidation made of
+// head, the version and the keys of that call; it returns the number of
+// calls. On a cluster the keys are grouped by slot (a script may only touch
+// one slot) and the groups pipelined.
+func (r *remote) del(ctx context.Context, keys []string, head []byte) (int, error) {
 	if err := r.breaker.allow(); err != nil {
 		return 0, err
 	}
@@ -116,29 +216,29 @@ func (r *remote) del(ctx context.Context, keys []string, msg func(keys []string)
 	} else {
 		groups = [][]string{keys}
 	}
-	var batches [][]string
+	var calls []*scriptCall
 	for _, g := range groups {
-		for len(g) > maxKeysPerScript {
-			batches = append(batches, g[:maxKeysPerScript])
-			g = g[maxKeysPerScript:]
+		for len(g) > 0 {
+			n, size := 0, 0
+			for n < len(g) && n < maxKeysPerScript && (n == 0 || size+len(g[n]) <= maxMessageKeyBytes) {
+				size += len(g[n])
+				n++
+			}
+			calls = append(calls, &scriptCall{deleteScript, r.keys(g[:n]), []any{r.channel, head, encodeKeys(g[:n]...)}, nil})
+			g = g[n:]
 		}
-		batches = append(batches, g)
 	}
 	if r.waitReplicas > 0 {
-		calls := make([]scriptCall, len(batches))
-		for i, b := range batches {
-			calls[i] = scriptCall{deleteScript, r.keys(b), []any{r.channel, msg(b)}}
-		}
-		return len(batches), r.waited(ctx, calls)
+		return len(calls), r.waited(ctx, calls)
 	}
-	if len(batches) == 1 {
-		err := deleteScript.Run(ctx, r.client, r.keys(batches[0]), r.channel, msg(batches[0])).Err()
+	if len(calls) == 1 {
+		err := deleteScript.Run(ctx, r.client, calls[0].keys, calls[0].args...).Err()
 		return 1, r.check(ctx, err)
 	}
 	run := func(eval func(pipe redis.Pipeliner, keys []string, args ...any) *redis.Cmd) error {
 		pipe := r.client.Pipeline()
-		for _, b := range batches {
-			eval(pipe, r.keys(b), r.channel, msg(b))
+		for _, c := range calls {
+			eval(pipe, c.keys, c.args...)
 		}
 		_, err := pipe.Exec(ctx)
 		return err
@@ -147,7 +247,7 @@ func (r *remote) del(ctx context.Context, keys []string, msg func(keys []string)
 	if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
 		err = run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.Eval(ctx, p, k, a...) })
 	}
-	return len(batches), r.check(ctx, err)
+	return len(calls), r.check(ctx, err)
 }
 
 // scriptCall is one script run: its keys share a slot.
@@ -155,6 +255,7 @@ type scriptCall struct {
 	script *redis.Script
 	keys   []string
 	args   []any
+	res    *redis.Cmd // set once it was sent
 }
 
 // errNotReplicated means WAIT returned fewer replicas than asked for.
@@ -165,10 +266,10 @@ var errNotReplicated = errors.New("write not acknowledged by enough replicas")
 // cluster the calls are grouped by the master of their slot and sent with
 // the WAIT in one pipeline to that master's client (which uses one
 // connection per pipeline).
-func (r *remote) waited(ctx context.Context, calls []scriptCall) error {
+func (r *remote) waited(ctx context.Context, calls []*scriptCall) error {
 	type group struct {
 		node  *redis.Client
-		calls []scriptCall
+		calls []*scriptCall
 	}
 	var groups []*group
 	switch c := r.client.(type) {
@@ -187,10 +288,8 @@ func (r *remote) waited(ctx context.Context, calls []scriptCall) error {
 			}
 			g.calls = append(g.calls, call)
 		}
-	case *redis.Client:
+	case *redis.Client: // Options.withDefaults rejects other clients
 		groups = []*group{{c, calls}}
-	default: // Options.withDefaults rejects other clients
-		return fmt.Errorf("%w: WaitReplicas with a %T", ErrInvalidOption, r.client)
 	}
 	for _, g := range groups {
 		err := r.execWaited(ctx, g.node, g.calls)
@@ -212,15 +311,15 @@ func (r *remote) waited(ctx context.Context, calls []scriptCall) error {
 }
 
 // execWaited sends calls and a WAIT in one pipeline on node.
-func (r *remote) execWaited(ctx context.Context, node *redis.Client, calls []scriptCall) error {
+func (r *remote) execWaited(ctx context.Context, node *redis.Client, calls []*scriptCall) error {
 	ms := max(r.waitTimeout.Milliseconds(), 1) // WAIT 0 would wait forever
 	run := func(byHash bool) (*redis.Cmd, error) {
 		pipe := node.Pipeline()
 		for _, c := range calls {
 			if byHash {
-				c.script.EvalSha(ctx, pipe, c.keys, c.args...)
+				c.res = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
 			} else {
-				c.script.Eval(ctx, pipe, c.keys, c.args...)
+				c.res = c.script.Eval(ctx, pipe, c.keys, c.args...)
 			}
 		}
 		wait := pipe.Do(ctx, "wait", r.waitReplicas, ms)

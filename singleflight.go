@@ -43,20 +43,40 @@ import (
 // on is abandoned instead; a caller who joins it in that instant starts
 // over. Any other answer, such as ErrNotFound, is shared even if the
 // leader's context ended meanwhile.
+//
+// A caller joins only a flight that began under its own view of the key or
+// a later one: the key's generation and the subscription's epoch of the
+// flight's ticket are at least those of the caller's. A flight that began
+// before an invalidation the caller has seen may return the value that the
+// invalidation replaced:
+//
+//	A: GetOrLoad(k) misses, leads, reads v1 from Redis (slowly)
+//	B: Set(k, v2) on another instance; its message bumps k's generation here
+//	C: GetOrLoad(k) misses; joining A's flight would return v1
+//
+// So C leads a flight of its own, which replaces A's in the table (A's
+// goes on for its callers). Work done on a goroutine of its own is bounded
+// by the flight's timeout: then the flight ends with an error wrapping
+// context.DeadlineExceeded, the next caller starts a new one, and what the
+// work returns later is dropped.
 type flight[V any] struct {
-	timeout time.Duration   // of work done on a goroutine of its own
-	onPanic func(err error) // counts and logs; called once per panic
-	shared  *atomic.Uint64  // callers that got the result of another caller's flight
+	timeout   time.Duration   // of work done on a goroutine of its own
+	onPanic   func(err error) // counts and logs; called once per panic
+	onTimeout func(err error) // counts and logs; called once per timeout
+	shared    *atomic.Uint64  // callers that got the result of another caller's flight
 
 	mu    sync.Mutex
 	calls map[string]*flightCall[V]
 }
 
 type flightCall[V any] struct {
+	gen, epoch uint64 // of the ticket the flight began under
+
 	// done is closed once the fields below are set. It is made by the
 	// first caller who waits (under flight.mu), so that the common flight,
 	// which nobody joins, does without it.
 	done      chan struct{}
+	finished  bool // under flight.mu: the result is set
 	val       V
 	err       error
 	abandoned bool // the leader's context ended during its read, and nobody waited
@@ -70,14 +90,14 @@ type flightRead[V any] func(ctx context.Context) (V, flightLoad[V], error)
 type flightLoad[V any] func(ctx context.Context) (V, error)
 
 // do returns the result of the flight for key: one it leads, running read,
-// or the one in progress. The result is shared: callers must treat it as
-// read-only.
-func (f *flight[V]) do(ctx context.Context, key string, read flightRead[V]) (V, error) {
+// or the one in progress if it began under t or later. The result is
+// shared: callers must treat it as read-only.
+func (f *flight[V]) do(ctx context.Context, key string, t ticket, read flightRead[V]) (V, error) {
 	for {
 		f.mu.Lock()
 		c, ok := f.calls[key]
-		if !ok {
-			c = &flightCall[V]{}
+		if !ok || c.gen < t.gen || c.epoch < t.epoch {
+			c = &flightCall[V]{gen: t.gen, epoch: t.epoch}
 			if f.calls == nil {
 				f.calls = make(map[string]*flightCall[V])
 			}
@@ -142,13 +162,21 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 }
 
 // detach finishes flight c with work, run on a goroutine of its own under a
-// context that keeps ctx's values but not its cancellation, bounded by the
-// flight's timeout.
+// context that keeps ctx's values but not its cancellation, or with an
+// error at the flight's timeout, whichever comes first.
 func (f *flight[V]) detach(ctx context.Context, key string, c *flightCall[V], work flightLoad[V]) {
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.timeout)
+	stop := context.AfterFunc(dctx, func() {
+		err := fmt.Errorf("tiered: no result for key %q within LoadTimeout (%v): %w", key, f.timeout, context.DeadlineExceeded)
+		var zero V
+		if f.finish(key, c, zero, err, false) {
+			f.onTimeout(err)
+		}
+	})
 	go func() {
-		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.timeout)
 		defer cancel()
 		v, err := f.guard(func() (V, error) { return work(dctx) })
+		stop()
 		f.finish(key, c, v, err, false)
 	}()
 }
@@ -173,15 +201,24 @@ func (f *flight[V]) waitOn(c *flightCall[V]) chan struct{} {
 	return c.done
 }
 
-// finish publishes the flight's result. The flight leaves the table in the
-// same step, so that a caller who comes after the result was published
-// starts a new flight rather than getting an old result.
-func (f *flight[V]) finish(key string, c *flightCall[V], v V, err error, abandoned bool) {
-	c.val, c.err, c.abandoned = v, err, abandoned
+// finish publishes the flight's result, unless it has one already (the
+// work and the timeout race), and reports whether it did. The flight
+// leaves the table in the same step (unless a newer flight of the key
+// replaced it there), so that a caller who comes after the result was
+// published starts a new flight rather than getting an old result.
+func (f *flight[V]) finish(key string, c *flightCall[V], v V, err error, abandoned bool) bool {
 	f.mu.Lock()
-	delete(f.calls, key)
+	defer f.mu.Unlock()
+	if c.finished {
+		return false
+	}
+	c.finished = true
+	c.val, c.err, c.abandoned = v, err, abandoned
+	if f.calls[key] == c {
+		delete(f.calls, key)
+	}
 	if c.done != nil {
 		close(c.done)
 	}
-	f.mu.Unlock()
+	return true
 }

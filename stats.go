@@ -13,7 +13,11 @@ type Stats struct {
 	Loads      uint64 // loader calls (one per key however many callers waited)
 	LoadErrors uint64 // loader calls that returned an error other than ErrNotFound, or panicked
 	LoadPanics uint64 // loader calls that panicked (also counted in LoadErrors)
-	Shared     uint64 // callers that got the result of a load or read another caller started
+	// LoadTimeouts counts loads (and Redis reads redone for waiting
+	// callers) that gave no result within LoadTimeout; their callers got an
+	// error wrapping context.DeadlineExceeded. Also counted in LoadErrors.
+	LoadTimeouts uint64
+	Shared       uint64 // callers that got the result of a load or read another caller started
 
 	RemoteErrors  uint64 // Redis calls that failed (reads, writes, write-backs)
 	CorruptValues uint64 // values in Redis under our key that were not ours or did not decode
@@ -38,6 +42,7 @@ type counters struct {
 	localMisses, remoteHits         atomic.Uint64
 	remoteMisses, loads, loadErrors atomic.Uint64
 	loadPanics, remoteErrors        atomic.Uint64
+	loadTimeouts                    atomic.Uint64
 	corrupt, encodeErrors, tooLarge atomic.Uint64
 	published, received, keysInval  atomic.Uint64
 	bypassed, shared, keysReplaced  atomic.Uint64

@@ -44,13 +44,6 @@ type Cache[V any] struct {
 	loads  flight[V] // GetOrLoad
 	stats  counters
 
-	// ownWriteWindow is how long after an own write ended it is assumed
-	// it can still surface: its message may still be on its way, and a
-	// write that failed here may still run in Redis (a command that timed
-	// out can be on the wire). 4 heartbeat intervals: a subscription that
-	// delivers nothing for longer is declared dead.
-	ownWriteWindow time.Duration
-
 	ready  atomic.Bool // our channel's subscription is confirmed
 	closed atomic.Bool
 
@@ -89,10 +82,9 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 	// was); once Redis answers again they must not outlive that: Redis may
 	// hold something else, and no invalidation will say so.
 	c.remote.breaker.onRecover = func() { c.sub.flush("redis answers again") }
-	c.reads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, shared: &c.stats.shared}
-	c.loads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, shared: &c.stats.shared}
+	c.reads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, onTimeout: c.timedOut, shared: &c.stats.shared}
+	c.loads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, onTimeout: c.timedOut, shared: &c.stats.shared}
 	c.sub = acquireSubscriber(opts.Redis, opts.HeartbeatInterval, opts.Logger)
-	c.ownWriteWindow = 4 * c.sub.interval
 	c.local, err = newLocal[V](opts.LocalMaxBytes, clk, &c.sub.epoch)
 	if err != nil {
 		c.sub.release()
@@ -118,8 +110,9 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (V, error) {
 	}
 	c.missed()
 	localTTL, _, _ := c.ttls(key, nil)
-	return c.reads.do(ctx, key, func(ctx context.Context) (V, flightLoad[V], error) {
-		v, res, _, err := c.fetch(ctx, key, c.local.begin(key), localTTL)
+	t := c.local.begin(key)
+	return c.reads.do(ctx, key, t, func(ctx context.Context) (V, flightLoad[V], error) {
+		v, res, _, err := c.fetch(ctx, key, t, localTTL)
 		switch res {
 		case fetchHit:
 			return v, nil, nil
@@ -164,8 +157,8 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 		return zero, err
 	}
 	c.missed()
-	return c.loads.do(ctx, key, func(ctx context.Context) (V, flightLoad[V], error) {
-		t := c.local.begin(key)
+	t := c.local.begin(key)
+	return c.loads.do(ctx, key, t, func(ctx context.Context) (V, flightLoad[V], error) {
 		v, res, held, _ := c.fetch(ctx, key, t, localTTL)
 		switch {
 		case res == fetchHit:
@@ -184,10 +177,12 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 // Set stores v under key in Redis and in this instance's L1, and tells every
 // other instance to drop key from its L1. When Set returns nil, a Get on
 // this instance returns v (from L1, unless its admission policy rejected
-// it, which happens only when L1 is full) and other instances drop their
-// old value as soon as the invalidation reaches them. If Redis fails, Set
-// returns an error wrapping ErrRemoteUnavailable and this instance's L1
-// drops key: Redis may or may not have taken v.
+// it, which happens only when L1 is full, or a newer write of key reached
+// this instance first) and other instances drop their old value as soon as
+// the invalidation reaches them. Every tier of every instance returns v as
+// the Codec reads it back (see Codec). If Redis fails, Set returns an error
+// wrapping ErrRemoteUnavailable and this instance's L1 drops key: Redis may
+// or may not have taken v.
 func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption) error {
 	if err := c.usable(ctx, key); err != nil {
 		return err
@@ -196,40 +191,41 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	if err != nil {
 		return err
 	}
-	b, err := c.codec.encode(v)
+	b, stored, err := c.codec.roundTrip(v)
 	if err != nil {
 		c.stats.encodeErrors.Add(1)
 		return err
 	}
 	expires, ttl := c.remoteExpiry(remoteTTL)
-	t, started := c.local.beginWrite(key)
-	env := encodeEnvelope(kindValue, expires, b)
-	msg, withValue := encodeInvalidation(c.id, key), false
+	kind := byte(msgKeys)
 	if len(b) <= c.opts.PublishValueMaxBytes {
-		msg, withValue = encodeValueHeader(c.id, key), true
+		kind = msgValue
 	}
-	c.local.writing(key)
-	err = c.remote.write(ctx, key, env, ttl, msg, withValue)
-	t, ok := c.local.endWrite(t, started)
+	t := c.local.begin(key)
+	version, err := c.remote.write(ctx, key, encodeEnvelope(kindValue, expires, b), ttl,
+		messageHead(kind, c.id), encodeKeys(key), kind == msgValue)
 	if err != nil {
 		c.local.invalidate(key)
-		c.local.wrote(key, c.ownWriteWindow)
 		c.remoteFailed(err)
 		return err
 	}
 	c.stats.published.Add(1)
-	if ok {
-		c.keep(key, t, v, false, len(b), localTTL, expires, false, true)
+	if e := c.entry(key, stored, false, len(b), localTTL, expires, version); e != nil && c.ready.Load() {
+		c.local.wrote(t, e)
+	} else {
+		c.local.invalidate(key) // the old value must not be served here
 	}
-	c.local.wrote(key, 0)
 	return nil
 }
 
 // Delete removes keys from Redis and from L1, here and, through one
-// invalidation message (one per hash slot on a cluster), on every other
-// instance. On error, L1 has dropped the keys here; Redis may or may not
-// have.
+// invalidation message (one per hash slot on a cluster, more for very many
+// keys), on every other instance. On error, L1 has dropped the keys here;
+// Redis may or may not have.
 func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
 	for _, k := range keys {
 		if err := c.usable(ctx, k); err != nil {
 			return err
@@ -242,16 +238,10 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 	// old value; dropping after invalidates fills that began during it.
 	for _, k := range keys {
 		c.local.invalidate(k)
-		c.local.writing(k)
 	}
-	sent, err := c.remote.del(ctx, keys, func(ks []string) []byte { return encodeInvalidation(c.id, ks...) })
-	var unsure time.Duration
-	if err != nil {
-		unsure = c.ownWriteWindow
-	}
+	sent, err := c.remote.del(ctx, keys, messageHead(msgKeys, c.id))
 	for _, k := range keys {
 		c.local.invalidate(k)
-		c.local.wrote(k, unsure)
 	}
 	if err != nil {
 		c.remoteFailed(err)
@@ -272,6 +262,7 @@ func (c *Cache[V]) Stats() Stats {
 		Loads:                  s.loads.Load(),
 		LoadErrors:             s.loadErrors.Load(),
 		LoadPanics:             s.loadPanics.Load(),
+		LoadTimeouts:           s.loadTimeouts.Load(),
 		Shared:                 s.shared.Load(),
 		RemoteErrors:           s.remoteErrors.Load(),
 		CorruptValues:          s.corrupt.Load(),
@@ -302,6 +293,10 @@ func (c *Cache[V]) Close() error {
 	return nil
 }
 
+// maxKeyBytes bounds a key, so that an invalidation naming it stays far
+// below the output-buffer limit at which Redis disconnects subscribers.
+const maxKeyBytes = 64 << 10
+
 // usable returns the error that stops a call before it does any work.
 func (c *Cache[V]) usable(ctx context.Context, key string) error {
 	switch {
@@ -309,6 +304,8 @@ func (c *Cache[V]) usable(ctx context.Context, key string) error {
 		return ErrClosed
 	case key == "":
 		return ErrInvalidKey
+	case len(key) > maxKeyBytes:
+		return fmt.Errorf("%w: key of %d bytes (at most %d)", ErrInvalidKey, len(key), maxKeyBytes)
 	}
 	return ctx.Err()
 }
@@ -339,44 +336,64 @@ const (
 )
 
 // fetch reads key from Redis and, on a hit, keeps it in L1 under t. If the
-// value is corrupt, it returns what Redis held.
-func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL time.Duration) (V, fetchResult, []byte, error) {
+// value is corrupt, it returns how the load may replace it: mode and, for
+// a corrupt string, what Redis held.
+func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL time.Duration) (V, fetchResult, held, error) {
 	var zero V
 	b, found, err := c.remote.get(ctx, key)
-	if err != nil {
+	switch {
+	case errors.Is(err, errWrongType):
+		c.corrupted(key, err)
+		return zero, fetchCorrupt, held{mode: fillWrongType}, nil
+	case err != nil:
 		c.remoteFailed(err)
-		return zero, fetchFailed, nil, err
-	}
-	if !found {
+		return zero, fetchFailed, held{}, err
+	case !found:
 		c.stats.remoteMisses.Add(1)
-		return zero, fetchMiss, nil, nil
+		return zero, fetchMiss, held{}, nil
 	}
-	kind, expires, payload, err := decodeEnvelope(b)
+	env, err := decodeEnvelope(b)
 	v := zero
-	if err == nil && kind == kindValue {
-		v, err = c.codec.decode(payload)
+	if err == nil && env.kind == kindValue {
+		v, err = c.codec.decode(env.payload)
 	}
 	if err != nil {
-		c.stats.corrupt.Add(1)
-		c.stats.remoteMisses.Add(1)
-		c.corruptLog.warn("tiered: value in redis is not ours or does not decode; treating it as a miss",
-			"key", key, "err", err)
-		return zero, fetchCorrupt, b, nil
+		c.corrupted(key, err)
+		return zero, fetchCorrupt, held{mode: fillSame, value: b}, nil
 	}
 	c.stats.remoteHits.Add(1)
-	c.keep(key, t, v, kind == kindNotFound, len(payload), localTTL, expires, false, false)
-	if kind == kindNotFound {
-		return zero, fetchNotFound, nil, nil
+	c.keep(key, t, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false, false)
+	if env.kind == kindNotFound {
+		return zero, fetchNotFound, held{}, nil
 	}
-	return v, fetchHit, nil, nil
+	return v, fetchHit, held{}, nil
+}
+
+// held is what a read found in Redis that a load may replace.
+type held struct {
+	mode  fillMode
+	value []byte // fillSame: the corrupt value
+}
+
+func (c *Cache[V]) corrupted(key string, err error) {
+	c.stats.corrupt.Add(1)
+	c.stats.remoteMisses.Add(1)
+	c.corruptLog.warn("tiered: value in redis is not ours or does not decode; treating it as a miss",
+		"key", key, "err", err)
 }
 
 // load calls the loader for key and caches what it returns. res is what
-// fetch found in Redis, and held the corrupt value it found there.
+// fetch found in Redis, and found what a write-back may replace.
 func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
-	load func(context.Context, string) (V, error), res fetchResult, held []byte, localTTL, remoteTTL time.Duration) (V, error) {
+	load func(context.Context, string) (V, error), res fetchResult, found held, localTTL, remoteTTL time.Duration) (V, error) {
 	c.stats.loads.Add(1)
 	v, err := load(ctx, key)
+	if ctx.Err() != nil {
+		// Past LoadTimeout: the flight has ended with an error, and a
+		// result this late must not be cached either.
+		var zero V
+		return zero, ctx.Err()
+	}
 	notFound := errors.Is(err, ErrNotFound)
 	switch {
 	case notFound && c.opts.NegativeTTL > 0:
@@ -392,21 +409,22 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 	kind := byte(kindNotFound)
 	if !notFound {
 		kind = kindValue
-		if b, err = c.codec.encode(v); err != nil {
+		var stored V
+		if b, stored, err = c.codec.roundTrip(v); err != nil {
 			c.stats.encodeErrors.Add(1)
 			c.encodeLog.warn("tiered: loaded value cannot be encoded; returning it uncached",
 				"key", key, "err", err)
 			return v, nil
 		}
+		v = stored // what every other caller and instance will get
 	}
 	expires, ttl := c.remoteExpiry(remoteTTL)
 	// Redis did not answer the read: do not wait for it again.
 	outage := res == fetchFailed
 	stored := false
+	var version uint64
 	if !outage {
-		// Only an empty key, or one still holding the corrupt value, is
-		// filled, so that a Set that happened during the load wins.
-		stored, err = c.remote.fill(ctx, key, encodeEnvelope(kind, expires, b), ttl, held)
+		version, stored, err = c.remote.fill(ctx, key, encodeEnvelope(kind, expires, b), ttl, found.mode, found.value)
 		if err != nil {
 			c.remoteFailed(err)
 			outage = true
@@ -415,7 +433,7 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 	if stored || outage {
 		// In an outage L1 is all there is: wait until it has the value, or
 		// the next caller finds neither tier and loads again.
-		c.keep(key, t, v, notFound, len(b), localTTL, expires, outage, outage)
+		c.keep(key, t, v, notFound, len(b), localTTL, expires, version, outage, outage)
 	}
 	if notFound {
 		return v, ErrNotFound
@@ -429,21 +447,29 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 // subscription's epoch is then odd, and the value is dropped when it heals).
 // If wait, keep returns once a Get would see the value.
 func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl time.Duration,
-	remoteExpires int64, outage, wait bool) {
+	remoteExpires int64, version uint64, outage, wait bool) {
 	if !outage && !(t.healthy() && c.ready.Load()) {
 		return
 	}
+	if e := c.entry(key, v, notFound, size, ttl, remoteExpires, version); e != nil {
+		c.local.set(t, e, wait)
+	}
+}
+
+// entry returns the L1 entry of v, or nil if it is too large for L1.
+func (c *Cache[V]) entry(key string, v V, notFound bool, size int, ttl time.Duration, remoteExpires int64, version uint64) *entry[V] {
 	cost := int64(size + len(key) + entryOverhead)
 	if cost > c.opts.LocalMaxBytes {
 		c.stats.tooLarge.Add(1)
-		return
+		return nil
 	}
-	e := &entry[V]{
+	return &entry[V]{
 		value:    v,
-		expires:  min(c.clock.now()+int64(ttl), remoteExpires),
+		expires:  min(addSat(c.clock.now(), int64(ttl)), remoteExpires),
 		notFound: notFound,
+		version:  version,
+		cost:     cost,
 	}
-	c.local.set(t, e, cost, wait)
 }
 
 // remoteExpiry applies jitter to ttl and returns the L2 TTL and the expiry
@@ -451,7 +477,7 @@ func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl 
 func (c *Cache[V]) remoteExpiry(ttl time.Duration) (expires int64, jittered time.Duration) {
 	jittered = ttl - time.Duration(rand.Float64()*c.opts.RemoteTTLJitter*float64(ttl))
 	jittered = max(jittered, time.Millisecond) // PX must be positive
-	return c.clock.now() + int64(jittered), jittered
+	return addSat(c.clock.now(), int64(jittered)), jittered
 }
 
 func (c *Cache[V]) remoteFailed(err error) {
@@ -460,6 +486,12 @@ func (c *Cache[V]) remoteFailed(err error) {
 	}
 	c.stats.remoteErrors.Add(1)
 	c.remoteLog.warn("tiered: redis call failed; serving from L1 and the loader", "err", err)
+}
+
+func (c *Cache[V]) timedOut(err error) {
+	c.stats.loadTimeouts.Add(1)
+	c.stats.loadErrors.Add(1)
+	c.panicLog.warn("tiered: load timed out", "err", err)
 }
 
 func (c *Cache[V]) panicked(err error) {
@@ -481,15 +513,13 @@ func (c *Cache[V]) subscribed() {
 // breaker flushes L1 of what was loaded while Redis failed.)
 func (c *Cache[V]) clusterChanged() { c.remote.breaker.record(nil) }
 
-// invalidated applies an invalidation message from our channel.
-//
-// L1 follows the messages in the order Redis ran the writes, this
-// instance's own included. An own message is skipped only while nothing
-// has touched its key since the write (L1 then holds what the write left);
-// otherwise it is applied like another instance's, so a foreign message
-// that slipped in before it (see replace) is overruled. So once the
-// messages already published have arrived, L1 holds what Redis holds,
-// whatever order they raced this instance's own writes in.
+// invalidated applies an invalidation message from our channel, this
+// instance's own included: local.heard decides by the write's version what
+// L1 keeps, so messages need no bookkeeping of who sent them or when. If
+// the message carries the new value and L1 holds the key, the new value
+// replaces the old one, which spares the next read a trip to Redis (a key
+// L1 does not hold is only invalidated: decoding values nobody here reads
+// would be wasted work).
 func (c *Cache[V]) invalidated(payload string) {
 	m, err := decodeInvalidation(payload)
 	if err != nil {
@@ -498,78 +528,47 @@ func (c *Cache[V]) invalidated(payload string) {
 		c.corruptLog.warn("tiered: malformed invalidation message; L1 flushed", "err", err)
 		return
 	}
-	own := m.origin == c.id
-	if own {
-		moved := false
-		for _, k := range m.keys {
-			c.local.echoed(k)
-			moved = moved || c.local.movedSince(k)
-		}
-		if !moved {
-			return
-		}
-	}
+	replaced := false
 	if m.envelope != "" {
-		c.replace(m.keys[0], m.envelope, own)
+		key := m.keys[0]
+		c.local.heard(key, m.version, func() *entry[V] {
+			e := c.messageEntry(key, m.envelope)
+			replaced = e != nil
+			return e
+		})
 	} else {
 		for _, k := range m.keys {
-			c.local.invalidate(k)
+			c.local.heard(k, m.version, nil)
 		}
 	}
-	if own {
+	if m.origin == c.id {
 		return
 	}
 	// Counted once applied, so that a count seen means the keys are dropped.
 	c.stats.received.Add(1)
 	c.stats.keysInval.Add(uint64(len(m.keys)))
+	if replaced {
+		c.stats.keysReplaced.Add(1)
+	}
 }
 
-// replace applies a Set of key whose message carried the new envelope (own:
-// this instance's, see invalidated): if
-// L1 holds key, the new value replaces the old one, which spares the next
-// read a trip to Redis; otherwise key is only invalidated (decoding values
-// nobody here reads would be wasted work).
-//
-// Messages arrive in the order Redis ran the writes, but this instance's
-// own writes do not wait for theirs, so a message can be older than what
-// this instance wrote:
-//
-//	A: Set(k, vA): Redis stores vA, publishes mA
-//	B: Set(k, vB): Redis stores vB, publishes mB; B keeps vB in L1
-//	B: receives mA (its subscription lags its command connection), then mB
-//
-// Replacing vB with vA until mB puts vB back would show B an older value
-// than it wrote. So while an own write of key has not come back, B only
-// invalidates key, and reads go to Redis. (If B's message never comes,
-// because its write never reached Redis, B stops waiting ownWriteWindow
-// after the write.)
-func (c *Cache[V]) replace(key, envelope string, own bool) {
-	if !c.local.holds(key) {
-		c.local.invalidate(key)
-		return
+// messageEntry returns the L1 entry of the envelope a message carried for
+// key, or nil if it does not decode (or L1 must not hold it).
+func (c *Cache[V]) messageEntry(key, envelope string) *entry[V] {
+	if !c.ready.Load() {
+		return nil
 	}
-	// Like an invalidation, the bump makes the old entry and fills racing
-	// this message unservable. It comes before the own-write check: an own
-	// write that begins after the check bumps again when it ends, which
-	// makes the value stored here unservable too.
-	t := c.local.replace(key)
-	if c.local.unechoed(key, c.ownWriteWindow) {
-		return
-	}
+	env, err := decodeEnvelope([]byte(envelope))
 	var v V
-	kind, expires, payload, err := decodeEnvelope([]byte(envelope))
-	if err == nil && kind == kindValue {
-		v, err = c.codec.decode(payload)
+	if err == nil && env.kind == kindValue {
+		v, err = c.codec.decode(env.payload)
 	}
 	if err != nil {
 		c.stats.corrupt.Add(1)
 		c.corruptLog.warn("tiered: value in invalidation message does not decode; dropped from L1",
 			"key", key, "err", err)
-		return
+		return nil
 	}
 	localTTL, _, _ := c.ttls(key, nil)
-	c.keep(key, t, v, kind == kindNotFound, len(payload), localTTL, expires, false, false)
-	if !own {
-		c.stats.keysReplaced.Add(1)
-	}
+	return c.entry(key, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version)
 }

@@ -199,12 +199,15 @@ func TestL1HitDoesNotDecode(t *testing.T) {
 	if err := a.Set(ctx, "u", u); err != nil {
 		t.Fatal(err)
 	}
+	if n := codecA.unmarshals.Load(); n != 1 {
+		t.Errorf("Set decoded %d times; want once (L1 keeps the codec's round trip)", n)
+	}
 	for range 10 {
 		got, err := a.Get(ctx, "u")
 		coreWant(t, "writer Get", got, err, u)
 	}
-	if n := codecA.unmarshals.Load(); n != 0 {
-		t.Errorf("writer decoded %d times; an L1 hit must not decode", n)
+	if n := codecA.unmarshals.Load(); n != 1 {
+		t.Errorf("writer decoded %d times after 10 hits; an L1 hit must not decode", n-1)
 	}
 
 	coreWaitInvalidations(t, b, 1)
@@ -770,7 +773,7 @@ func TestLoaderNotFoundIsRememberedInBothTiersForNegativeTTL(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Redis has no negative entry: %v", err)
 	}
-	if kind, _, _, err := decodeEnvelope(raw); err != nil || kind != kindNotFound {
+	if env, err := decodeEnvelope([]byte(raw)); err != nil || env.kind != kindNotFound {
 		t.Errorf("Redis holds %q; want a not-found envelope", raw)
 	}
 	if ttl := mr.TTL(coreRedisKey(c, "missing")); ttl != 30*time.Second {
@@ -1149,7 +1152,8 @@ func TestCorruptValueInRedisIsAMissAndIsOverwrittenByTheLoad(t *testing.T) {
 			t.Errorf("%s: CorruptValues +%d, Loads +%d; want +1, +1", key, s.CorruptValues-before.CorruptValues, s.Loads-before.Loads)
 		}
 		raw, _ := rdb.Get(ctx, coreRedisKey(c, key)).Bytes()
-		kind, _, payload, err := decodeEnvelope(raw)
+		env, err := decodeEnvelope([]byte(raw))
+		kind, payload := env.kind, env.payload
 		if err != nil || kind != kindValue || string(payload) != `{"ID":1,"Name":"Ada"}` {
 			t.Errorf("%s: Redis holds %q after the load; want the loaded value's envelope", key, raw)
 		}
@@ -1186,7 +1190,7 @@ func TestLoadReplacingACorruptValueLosesToASetDuringTheLoad(t *testing.T) {
 	close(release)
 	<-done
 	raw, _ := rdb.Get(ctx, coreRedisKey(c, "k")).Bytes()
-	if _, _, payload, err := decodeEnvelope(raw); err != nil || string(payload) != "set" {
+	if payload, err := envelopePayload(raw); err != nil || string(payload) != "set" {
 		t.Errorf("Redis holds %q after the load; want the Set's value", raw)
 	}
 	got, err := c.GetOrLoad(ctx, "k", coreMustNotLoad[string](t))
@@ -1351,15 +1355,10 @@ func TestOwnWriteWinsOverABufferedFillOfTheSameKey(t *testing.T) {
 	for i := range 100 {
 		key := "k" + strconv.Itoa(i)
 		t0 := c.local.begin(key)
-		fill := &entry[string]{value: "fill", expires: far, check: t0.check, gen: t0.gen, epoch: t0.epoch}
-		c.local.hand(map[uint64]pendingFill[string]{t0.hash: {fill, 1}})
-		t1, started := c.local.beginWrite(key)
-		t1, ok := c.local.endWrite(t1, started)
-		if !ok {
-			t.Fatal("endWrite refused an uncontended write")
-		}
-		own := &entry[string]{value: "own", expires: far}
-		c.local.set(t1, own, 1, true)
+		fill := &entry[string]{value: "fill", expires: far, check: t0.check, gen: t0.gen, epoch: t0.epoch, cost: 1}
+		c.local.hand(map[uint64]*entry[string]{t0.hash: fill})
+		own := &entry[string]{value: "own", expires: far, version: 1, cost: 1}
+		c.local.wrote(c.local.begin(key), own)
 		if e, ok := c.local.get(key); !ok || e != own {
 			t.Fatalf("%s: L1 serves %+v (ok %v) after the own write; want the own write", key, e, ok)
 		}
@@ -1427,7 +1426,8 @@ func TestGetOrLoadWritesBackToRedisBeforeReturning(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Redis has no value right after GetOrLoad returned: %v", err)
 	}
-	kind, _, payload, err := decodeEnvelope(raw)
+	env, err := decodeEnvelope([]byte(raw))
+	kind, payload := env.kind, env.payload
 	if err != nil || kind != kindValue || string(payload) != `{"ID":1,"Name":"Ada"}` {
 		t.Errorf("Redis holds %q; want an envelope of the loaded value", raw)
 	}
