@@ -28,6 +28,8 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.LoadErrors }},
 	{"tiered.load_panics", "{call}", "Loader calls that panicked (also counted as load errors).",
 		func(s *tiered.Stats) uint64 { return s.LoadPanics }},
+	{"tiered.load_timeouts", "{call}", "Loads (and Redis reads redone for waiting callers) that gave no result within LoadTimeout (also counted as load errors).",
+		func(s *tiered.Stats) uint64 { return s.LoadTimeouts }},
 	{"tiered.shared", "{caller}", "Callers that got the result of a load or Redis read another caller started.",
 		func(s *tiered.Stats) uint64 { return s.Shared }},
 

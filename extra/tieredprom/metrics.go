@@ -27,6 +27,8 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.LoadErrors }},
 	{"load_panics_total", "Loader calls that panicked (also counted as load errors).",
 		func(s *tiered.Stats) uint64 { return s.LoadPanics }},
+	{"load_timeouts_total", "Loads (and Redis reads redone for waiting callers) that gave no result within LoadTimeout (also counted as load errors).",
+		func(s *tiered.Stats) uint64 { return s.LoadTimeouts }},
 	{"shared_total", "Callers that got the result of a load or Redis read another caller started.",
 		func(s *tiered.Stats) uint64 { return s.Shared }},
 
