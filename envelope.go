@@ -9,11 +9,13 @@ import (
 // An L2 value is an envelope around the encoded value:
 //
 //	byte 0      format (envelopeV2)
-//	byte 1      kind: kindValue or kindNotFound
+//	byte 1      kind: kindValue, kindNotFound, or a lease (kindLease,
+//	            kindLeaseWaited) held by a load of the key
 //	bytes 2-9   version, big-endian: assigned by Redis in the script that
 //	            wrote it (see versionLua); zero in what the client sends
 //	bytes 10-17 expiry, Unix milliseconds, big-endian
-//	bytes 18-   payload (the codec's output; empty for kindNotFound)
+//	bytes 18-   payload: the codec's output; empty for kindNotFound; the
+//	            holder's 16-byte token for a lease
 //
 // Carrying the expiry inside the value lets an instance that fills L1 from
 // L2 cap the L1 entry at the L2 entry's remaining lifetime without a PTTL
@@ -27,8 +29,12 @@ const (
 	envelopeHeader = 18
 	versionAt      = 2 // offset of the version (versionLua reads it there)
 
-	kindValue    = 0x00
-	kindNotFound = 0x01
+	kindValue       = 0x00
+	kindNotFound    = 0x01
+	kindLease       = 0x02 // a load holds the key (see leases.go)
+	kindLeaseWaited = 0x03 // and another instance waits for its value
+
+	leaseTokenBytes = 16
 )
 
 var errCorrupt = errors.New("tiered: value in redis is not a tiered envelope")
@@ -59,7 +65,11 @@ func decodeEnvelope(b []byte) (envelope, error) {
 		return envelope{}, errCorrupt
 	}
 	e := envelope{kind: b[1], version: binary.BigEndian.Uint64(b[versionAt:]), payload: b[envelopeHeader:]}
-	if e.kind != kindValue && (e.kind != kindNotFound || len(e.payload) != 0) {
+	switch {
+	case e.kind == kindValue:
+	case e.kind == kindNotFound && len(e.payload) == 0:
+	case e.isLease() && len(e.payload) == leaseTokenBytes:
+	default:
 		return envelope{}, errCorrupt
 	}
 	ms := binary.BigEndian.Uint64(b[10:])
@@ -70,6 +80,8 @@ func decodeEnvelope(b []byte) (envelope, error) {
 	}
 	return e, nil
 }
+
+func (e envelope) isLease() bool { return e.kind == kindLease || e.kind == kindLeaseWaited }
 
 // addSat returns t+d, saturated at math.MaxInt64, for expiries: a TTL of
 // a hundred years must mean "practically never", not wrap into the past.

@@ -237,38 +237,25 @@ const storeLocks = 64
 // miss, never a stale hit.
 
 // wrote keeps e, the value of this instance's write of key that Redis
-// versioned e.version, unless L1 has seen a newer version of key (or of a
-// key in its slot), or the subscription had a gap since t was taken (before
-// the write: an invalidation of a newer write may have been lost). It bumps
-// the slot's generation, so fills that began before, which may hold older
-// values, are never served after it.
+// versioned e.version, unless L1 has heard of a newer version of key (or of
+// a key in its slot), or the subscription had a gap since t was taken
+// (before the write: an invalidation of a newer write may have been lost).
 func (l *local[V]) wrote(t ticket, e *entry[V]) {
-	h := t.hash
-	mu := l.lock(h)
+	mu := l.lock(t.hash)
 	mu.Lock()
 	defer mu.Unlock()
-	if !t.healthy() || l.epoch.Load() != t.epoch || l.newestOf(h).Load() > e.version {
-		return
-	}
-	if cur := l.servable(h, t.check); cur != nil && cur.version > e.version {
-		return
-	}
-	e.check, e.gen, e.epoch, e.fenced = t.check, l.gen(h).Add(1), t.epoch, true
-	l.put(h, e)
+	l.settle(t.hash, t.check, e.version, func(bool) *entry[V] {
+		if !t.healthy() || l.epoch.Load() != t.epoch || l.newestOf(t.hash).Load() > e.version {
+			return nil
+		}
+		return e
+	})
 }
 
 // heard applies an invalidation of key at version (a write Redis versioned
-// so). If L1 serves a value of key that wrote or heard kept, of that
-// version or newer, there is nothing to do: the invalidation is of that
-// write or an older one, and fills that began before it was kept are
-// already unservable.
-// Otherwise the slot's generation is bumped, which makes every entry and
-// fill of key older than now unservable, and L1 keeps the newest value it
-// knows: the one it served if that is newer than version (kept under the
-// new generation), else the one replacement returns (the message's value;
-// nil if it had none or it does not decode), else none.
-//
-// replacement is called only if L1 held key, under key's lock.
+// so), whose new value, if the message carried it, replacement returns
+// (nil if it does not decode). replacement is called only if L1 held key:
+// decoding values nobody here reads would be wasted work.
 func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V]) {
 	h, check := l.hash(key), l.check(key)
 	mu := l.lock(h)
@@ -280,19 +267,36 @@ func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V
 			break
 		}
 	}
+	l.settle(h, check, version, func(held bool) *entry[V] {
+		if !held || replacement == nil {
+			return nil
+		}
+		return replacement()
+	})
+}
+
+// settle applies a write of version to the key with hashes h and check,
+// under its lock. If L1 serves a value of the key that settle kept, of that
+// version or newer, there is nothing to do: the write is that one or an
+// older one, and fills that began before that value was kept are already
+// unservable. Otherwise the slot's generation is bumped, which makes every
+// entry and fill of the key older than now unservable (they may hold older
+// values), and L1 keeps the newest value it knows: the one it served if
+// that is newer than version (kept under the new generation), else the
+// candidate (held: whether L1 held the key at all), else none.
+func (l *local[V]) settle(h, check, version uint64, candidate func(held bool) *entry[V]) {
 	cur, held := l.held(h, check)
 	if cur != nil && cur.fenced && cur.version >= version {
 		return
 	}
-	t := l.begin(key)
+	t := ticket{hash: h, check: check, epoch: l.epoch.Load()}
 	t.gen = l.gen(h).Add(1)
 	var e *entry[V]
-	switch {
-	case cur != nil && cur.version > version:
+	if cur != nil && cur.version > version {
 		kept := *cur
 		e = &kept
-	case held && replacement != nil:
-		e = replacement()
+	} else {
+		e = candidate(held)
 	}
 	if e == nil || !t.healthy() {
 		l.drop(h)

@@ -64,6 +64,19 @@ type Options struct {
 	// began it gave up. Default 10 seconds.
 	LoadTimeout time.Duration
 
+	// LoadLease is how long a GetOrLoad that misses both tiers holds the
+	// key's lease in Redis while it loads (see "Leases" in the package
+	// documentation). While one instance holds it, others that miss the key
+	// wait for its value instead of loading, and the load's write-back is
+	// fenced: it lands only if no Set or Delete of the key came meanwhile.
+	// Waiters take the lease over when it is released (the load failed) or
+	// runs out (the holder died or hangs), so a lease shorter than a load
+	// can make two loads. Zero means LoadTimeout. Negative disables leases:
+	// each instance then loads on its own, and a load's write-back is only
+	// a SET NX, which a Set during the load beats but a Delete does not (the
+	// deleted value can come back until RemoteTTL).
+	LoadLease time.Duration
+
 	// HeartbeatInterval is how often the invalidation subscription proves it
 	// is alive by receiving a message this process published. A subscription
 	// that has not received one for 3 intervals is declared dead: L1 is
@@ -168,6 +181,9 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.LoadTimeout == 0 {
 		o.LoadTimeout = defaultLoadTimeout
+	}
+	if o.LoadLease == 0 {
+		o.LoadLease = o.LoadTimeout
 	}
 	if o.HeartbeatInterval == 0 {
 		o.HeartbeatInterval = defaultHeartbeatInterval

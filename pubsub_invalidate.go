@@ -57,8 +57,11 @@ type subscriber struct {
 	epoch    atomic.Uint64 // odd while unhealthy; read by every L1 hit
 	stateMu  sync.Mutex    // serializes gap and heal
 	gapSeq   uint64        // pings up to this one were sent before the last gap
+	gapAt    time.Time     // when the last gap was noticed, or the subscription last rebuilt
+	resubbed bool          // the private channel's subscription was confirmed since the last gap
 	pingSeq  atomic.Uint64 // last ping sequence number sent
 	pingSent atomic.Int64  // UnixNano of the oldest unanswered ping; 0 if none
+	lastPong atomic.Int64  // UnixNano of the last answer
 	pinging  atomic.Bool   // a ping is being sent
 
 	gaps     atomic.Uint64
@@ -147,6 +150,8 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 		kick:      make(chan struct{}, 1),
 	}
 	s.epoch.Store(1) // unhealthy until the first ping is answered
+	s.lastPong.Store(time.Now().UnixNano())
+	s.gapAt = time.Now()
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	// Subscribe dials now; if Redis is down the loop keeps redialing.
 	s.ps = client.Subscribe(s.ctx, s.hbChannel)
@@ -218,9 +223,11 @@ func (s *subscriber) gap(reason string, err error) bool {
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
 	s.gapSeq = s.pingSeq.Load()
+	s.resubbed = false
 	if s.epoch.Load()&1 == 1 {
 		return false
 	}
+	s.gapAt = time.Now()
 	s.epoch.Add(1)
 	s.gaps.Add(1)
 	s.log.Warn("tiered: invalidation subscription lost; L1 bypassed until it is back",
@@ -298,11 +305,16 @@ func (s *subscriber) watchCluster(cc *redis.ClusterClient) {
 	}
 }
 
-// heal records that ping seq was answered.
+// heal records that ping seq was answered. It heals a gap only once the
+// private channel's subscription was confirmed after it: go-redis
+// subscribes every channel in one command on a new connection, so the
+// answer to a later ping proves them all in place. (A connection can be
+// replaced on which go-redis subscribed nothing, when the SUBSCRIBE of a
+// rebuild fails; its pings are answered all the same.)
 func (s *subscriber) heal(seq uint64) {
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
-	if s.epoch.Load()&1 == 1 && seq > s.gapSeq {
+	if s.epoch.Load()&1 == 1 && seq > s.gapSeq && s.resubbed {
 		s.epoch.Add(1)
 		s.log.Info("tiered: invalidation subscription healthy")
 	}
@@ -349,6 +361,10 @@ func (s *subscriber) rebuild() {
 	}
 	s.ps = s.client.Subscribe(s.ctx, chans...)
 	s.pingSent.Store(0)
+	s.lastPong.Store(time.Now().UnixNano())
+	s.stateMu.Lock()
+	s.gapAt = time.Now()
+	s.stateMu.Unlock()
 	s.mu.Unlock()
 	// Close takes the old PubSub's lock, which a ping stuck in a write
 	// on the stalled connection may hold until its WriteTimeout.
@@ -363,6 +379,7 @@ func (s *subscriber) handle(msg any) {
 	switch m := msg.(type) {
 	case *redis.Pong:
 		if seq, err := strconv.ParseUint(m.Payload, 10, 64); err == nil {
+			s.lastPong.Store(time.Now().UnixNano())
 			s.pingSent.Store(0)
 			s.heal(seq)
 		}
@@ -387,6 +404,9 @@ func (s *subscriber) handle(msg any) {
 			// if one was already noticed). Then ask for a ping now rather
 			// than at the next tick, so L1 is back in use within a round trip.
 			s.gap("resubscribed", nil)
+			s.stateMu.Lock()
+			s.resubbed = true
+			s.stateMu.Unlock()
 			select {
 			case s.kick <- struct{}{}:
 			default:
@@ -404,8 +424,20 @@ func (s *subscriber) handle(msg any) {
 	}
 }
 
+// unconfirmedFor returns how long the subscription has been unhealthy
+// without its resubscription confirmed; zero if it is healthy or confirmed.
+func (s *subscriber) unconfirmedFor() time.Duration {
+	s.stateMu.Lock()
+	defer s.stateMu.Unlock()
+	if s.epoch.Load()&1 == 0 || s.resubbed {
+		return 0
+	}
+	return time.Since(s.gapAt)
+}
+
 // heartbeat pings the subscription's connection every interval, and
-// declares it dead when a ping stays unanswered for 3 intervals. Pings are
+// declares it dead when a ping is unanswered and none was answered for 3
+// intervals. Pings are
 // sent on a goroutine of their own, one at a time: a write stuck on a
 // stalled connection must not delay the check.
 func (s *subscriber) heartbeat() {
@@ -420,10 +452,17 @@ func (s *subscriber) heartbeat() {
 		case <-s.ctx.Done():
 			return
 		}
-		if sent := s.pingSent.Load(); sent != 0 && time.Now().UnixNano()-sent > deadAfter {
+		// Dead: a ping is unanswered, and nothing was answered for 3
+		// intervals. Counted from the last answer, not the ping, so that a
+		// connection that dies just after an answer is declared dead within
+		// 4 intervals of its death (the ticks come every interval).
+		if s.pingSent.Load() != 0 && time.Now().UnixNano()-s.lastPong.Load() > deadAfter {
 			if s.gap("ping unanswered", nil) {
 				s.hbMisses.Add(1)
 			}
+			s.rebuild()
+		} else if s.unconfirmedFor() > time.Duration(deadAfter) {
+			// Answered, but never subscribed since the gap.
 			s.rebuild()
 		}
 		if !s.pinging.CompareAndSwap(false, true) {
@@ -454,8 +493,9 @@ func (s *subscriber) heartbeat() {
 // in Redis. The client sends the script the head (kind and id) and the keys;
 // the script joins them around the version.
 const (
-	msgKeys  = 'k'
-	msgValue = 'v'
+	msgKeys     = 'k'
+	msgValue    = 'v'
+	msgNotFound = 'n' // msgKeys of a load that found nothing: waiters for its lease need not load
 
 	msgHeader = 17 // kind, origin, version
 )
@@ -484,6 +524,7 @@ var errBadInvalidation = errors.New("tiered: malformed invalidation message")
 // invalidation is a decoded invalidation message. Its strings alias the
 // message.
 type invalidation struct {
+	kind     byte
 	origin   uint64
 	version  uint64
 	keys     []string
@@ -491,9 +532,10 @@ type invalidation struct {
 }
 
 func decodeInvalidation(p string) (m invalidation, err error) {
-	if len(p) < msgHeader || p[0] != msgKeys && p[0] != msgValue {
+	if len(p) < msgHeader || p[0] != msgKeys && p[0] != msgValue && p[0] != msgNotFound {
 		return m, errBadInvalidation
 	}
+	m.kind = p[0]
 	m.origin = binary.BigEndian.Uint64([]byte(p[1:9]))
 	m.version = binary.BigEndian.Uint64([]byte(p[9:17]))
 	for rest := p[msgHeader:]; len(rest) > 0; {

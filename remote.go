@@ -62,31 +62,91 @@ redis.call('PUBLISH', ARGV[3], msg)
 return v`)
 
 // deleteScript deletes keys (all in one slot on a cluster) and publishes one
-// invalidation naming them all, under a version above each key's.
+// invalidation naming them all, under a version above each key's, which it
+// returns.
 var deleteScript = redis.NewScript(versionLua + `
 local v = 0
 for _, k in ipairs(KEYS) do v = math.max(v, next_version(k)) end
 redis.call('DEL', unpack(KEYS))
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. be64(v) .. ARGV[3])
-return 1`)
+v = be64(v)
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. v .. ARGV[3])
+return v`)
 
 // fillScript stores a loaded value if the key still holds what the load
-// found there: nothing (ARGV[3] "absent"), the same corrupt string ("same",
-// ARGV[4]), or a value of another Redis type ("type", which it deletes
-// first). A value written by Set while the load ran is newer than the
-// loaded one and wins. It returns the version, or nil if it stored nothing.
+// found there (ARGV[3]): nothing ("absent"), the same corrupt string
+// ("same", ARGV[4]), a value of another Redis type ("type", deleted
+// first), or the load's own lease ("lease", its token in ARGV[4]). A Set or
+// Delete while the load ran is newer than the loaded value and wins: it
+// replaced or removed what the load found, lease included. If another
+// instance waits for the lease, the script publishes the value's
+// invalidation, made like writeScript's from ARGV[5-8], to wake it. It
+// returns {version, 1 if it published}, or nil if it stored nothing.
 var fillScript = redis.NewScript(versionLua + `
-local t = redis.call('TYPE', KEYS[1]).ok
-if t ~= 'none' then
-  if ARGV[3] == 'type' and t ~= 'string' then
-    redis.call('DEL', KEYS[1])
-  elseif not (ARGV[3] == 'same' and t == 'string' and redis.call('GET', KEYS[1]) == ARGV[4]) then
+local cur = redis.pcall('GET', KEYS[1])
+local waited = false
+if type(cur) == 'table' then
+  if ARGV[3] ~= 'type' then return false end
+  redis.call('DEL', KEYS[1])
+elseif cur then
+  if ARGV[3] == 'lease' then
+    local k = string.byte(cur, 2)
+    if not (string.byte(cur, 1) == 2 and (k == 2 or k == 3) and string.sub(cur, 19) == ARGV[4]) then return false end
+    waited = k == 3
+  elseif not (ARGV[3] == 'same' and cur == ARGV[4]) then
     return false
   end
+elseif ARGV[3] == 'lease' then
+  return false
 end
 local v = be64(next_version(KEYS[1]))
-redis.call('SET', KEYS[1], stamp(ARGV[1], v), 'PX', ARGV[2])
-return v`)
+local env = stamp(ARGV[1], v)
+redis.call('SET', KEYS[1], env, 'PX', ARGV[2])
+if waited then
+  local msg = ARGV[6] .. v .. ARGV[7]
+  if ARGV[8] == '1' then msg = msg .. env end
+  redis.call('PUBLISH', ARGV[5], msg)
+  return {v, 1}
+end
+return {v, 0}`)
+
+// leaseScript is GetOrLoad's read: it returns {0, value} if the key holds
+// one of ours, {0, lease, pttl} if another load holds a lease on it
+// (marked waited, so that the holder's write-back wakes this instance),
+// {2} if the key holds another Redis type, or else takes the lease in
+// ARGV[1] for ARGV[2] ms and returns {1}.
+var leaseScript = redis.NewScript(versionLua + `
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'table' then return {2} end
+if not cur then
+  redis.call('SET', KEYS[1], stamp(ARGV[1], be64(next_version(KEYS[1]))), 'PX', ARGV[2])
+  return {1}
+end
+local k = string.byte(cur, 2)
+if string.byte(cur, 1) == 2 and (k == 2 or k == 3) then
+  if k == 2 then
+    cur = string.sub(cur, 1, 1) .. '\3' .. string.sub(cur, 3)
+    redis.call('SET', KEYS[1], cur, 'KEEPTTL')
+  end
+  return {0, cur, redis.call('PTTL', KEYS[1])}
+end
+return {0, cur}`)
+
+// releaseScript gives up the lease with token ARGV[1] (its load failed),
+// and, if another instance waits for it, publishes ARGV[3] with the version
+// and ARGV[4], so that a waiter takes the lease over at once. It returns 2
+// if it published, 1 if it released the lease unwaited, 0 if it was gone.
+var releaseScript = redis.NewScript(versionLua + `
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) ~= 'string' or string.byte(cur, 1) ~= 2 or string.sub(cur, 19) ~= ARGV[1] then return 0 end
+local k = string.byte(cur, 2)
+if k ~= 2 and k ~= 3 then return 0 end
+local v = be64(next_version(KEYS[1]))
+redis.call('DEL', KEYS[1])
+if k == 3 then
+  redis.call('PUBLISH', ARGV[2], ARGV[3] .. v .. ARGV[4])
+  return 2
+end
+return 1`)
 
 // A Delete's keys are sent in scripts of at most maxKeysPerScript keys
 // (unpack(KEYS) must stay well below Lua's stack limit) and at most
@@ -169,46 +229,109 @@ func parseVersion(cmd *redis.Cmd) (uint64, error) {
 }
 
 // fillMode says what a load found in Redis, which its write-back may
-// replace: nothing, a corrupt string, or a value of another type.
+// replace: nothing, a corrupt string, a value of another type, or its own
+// lease.
 type fillMode int
 
 const (
 	fillAbsent fillMode = iota
 	fillSame
 	fillWrongType
+	fillLease
 )
 
-var fillModes = [...]string{fillAbsent: "absent", fillSame: "same", fillWrongType: "type"}
+var fillModes = [...]string{fillAbsent: "absent", fillSame: "same", fillWrongType: "type", fillLease: "lease"}
 
 // fill stores a loaded value under key if Redis still holds what the load
-// found (mode; held is the corrupt value for fillSame). A value written by
-// Set while the load ran is newer than the loaded one and must win. It
-// returns the version Redis gave the value, or stored false. Nobody can
-// hold the key in L1 while Redis has no value for it, or a corrupt one, so
-// no invalidation is published.
-func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Duration, mode fillMode, held []byte) (version uint64, stored bool, err error) {
+// found (mode; held is the corrupt value for fillSame, the lease token for
+// fillLease). A value written by Set or a Delete while the load ran is
+// newer than the loaded one and must win. It returns the version Redis gave
+// the value, or stored false. Nobody can hold the key in L1 while Redis has
+// no value for it, so the invalidation, made of head and tail around the
+// version (with env if withValue), is published only to wake instances
+// that wait for the lease; published says whether it was.
+func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Duration, mode fillMode, held []byte,
+	head, tail []byte, withValue bool) (version uint64, stored, published bool, err error) {
 	if err := r.breaker.allow(); err != nil {
-		return 0, false, err
+		return 0, false, false, err
 	}
-	cmd := fillScript.Run(ctx, r.client, []string{r.key(key)}, env, ttl.Milliseconds(), fillModes[mode], held)
-	if cmd.Err() == redis.Nil {
+	with := "0"
+	if withValue {
+		with = "1"
+	}
+	reply, err := fillScript.Run(ctx, r.client, []string{r.key(key)}, env, ttl.Milliseconds(), fillModes[mode], held,
+		r.channel, head, tail, with).Slice()
+	if err == redis.Nil {
 		r.breaker.record(nil)
-		return 0, false, nil
+		return 0, false, false, nil
 	}
-	if err := r.check(ctx, cmd.Err()); err != nil {
-		return 0, false, err
+	if err := r.check(ctx, err); err != nil {
+		return 0, false, false, err
 	}
-	version, err = parseVersion(cmd)
-	return version, err == nil, err
+	v, _ := reply[0].(string)
+	if len(reply) != 2 || len(v) != 8 {
+		return 0, false, false, fmt.Errorf("%w: fill script returned %v", ErrRemoteUnavailable, reply)
+	}
+	n, _ := reply[1].(int64)
+	return binary.BigEndian.Uint64([]byte(v)), true, n == 1, nil
+}
+
+// leaseState is what leased found.
+type leaseState int
+
+const (
+	leaseFound     leaseState = iota // a value (or another's lease) is returned
+	leaseGranted                     // the key was empty; the caller holds the lease
+	leaseWrongType                   // the key holds another Redis type
+)
+
+// leased reads key for a GetOrLoad: its value, or another load's lease
+// (with the time it has left), or, if the key is empty, a lease for the
+// caller, env, held for ttl.
+func (r *remote) leased(ctx context.Context, key string, env []byte, ttl time.Duration) (b []byte, state leaseState, left time.Duration, err error) {
+	if err := r.breaker.allow(); err != nil {
+		return nil, 0, 0, err
+	}
+	reply, err := leaseScript.Run(ctx, r.client, []string{r.key(key)}, env, ttl.Milliseconds()).Slice()
+	if err = r.check(ctx, err); err != nil {
+		return nil, 0, 0, err
+	}
+	if len(reply) == 0 {
+		return nil, 0, 0, fmt.Errorf("%w: lease script returned nothing", ErrRemoteUnavailable)
+	}
+	code, _ := reply[0].(int64)
+	if code != 0 || len(reply) < 2 {
+		return nil, leaseState(code), 0, nil
+	}
+	v, _ := reply[1].(string)
+	if len(reply) > 2 {
+		ms, _ := reply[2].(int64)
+		left = time.Duration(max(ms, 0)) * time.Millisecond
+	}
+	return []byte(v), leaseFound, left, nil
+}
+
+// release gives up the lease with token on key, publishing head, the
+// version and tail if another instance waits for it; it reports whether it
+// published. It runs detached from ctx's cancellation (a load that timed
+// out releases too), for a second at most.
+func (r *remote) release(ctx context.Context, key string, token, head, tail []byte) bool {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	defer cancel()
+	if r.breaker.allow() != nil {
+		return false
+	}
+	n, err := releaseScript.Run(ctx, r.client, []string{r.key(key)}, token, r.channel, head, tail).Int64()
+	return r.check(ctx, err) == nil && n == 2
 }
 
 // del deletes keys and publishes, per script call, an invalidation made of
 // head, the version and the keys of that call; it returns the number of
-// calls. On a cluster the keys are grouped by slot (a script may only touch
-// one slot) and the groups pipelined.
-func (r *remote) del(ctx context.Context, keys []string, head []byte) (int, error) {
+// calls and the highest version. On a cluster the keys are grouped by slot
+// (a script may only touch one slot) and the groups pipelined.
+func (r *remote) del(ctx context.Context, keys []string, head []byte) (int, uint64, error) {
 	if err := r.breaker.allow(); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	var groups [][]string
 	if _, ok := r.client.(*redis.ClusterClient); ok {
@@ -228,26 +351,40 @@ func (r *remote) del(ctx context.Context, keys []string, head []byte) (int, erro
 			g = g[n:]
 		}
 	}
-	if r.waitReplicas > 0 {
-		return len(calls), r.waited(ctx, calls)
-	}
-	if len(calls) == 1 {
-		err := deleteScript.Run(ctx, r.client, calls[0].keys, calls[0].args...).Err()
-		return 1, r.check(ctx, err)
-	}
-	run := func(eval func(pipe redis.Pipeliner, keys []string, args ...any) *redis.Cmd) error {
-		pipe := r.client.Pipeline()
-		for _, c := range calls {
-			eval(pipe, c.keys, c.args...)
+	var err error
+	switch {
+	case r.waitReplicas > 0:
+		err = r.waited(ctx, calls)
+	case len(calls) == 1:
+		calls[0].res = deleteScript.Run(ctx, r.client, calls[0].keys, calls[0].args...)
+		err = r.check(ctx, calls[0].res.Err())
+	default:
+		run := func(eval func(pipe redis.Pipeliner, keys []string, args ...any) *redis.Cmd) error {
+			pipe := r.client.Pipeline()
+			for _, c := range calls {
+				c.res = eval(pipe, c.keys, c.args...)
+			}
+			_, err := pipe.Exec(ctx)
+			return err
 		}
-		_, err := pipe.Exec(ctx)
-		return err
+		err = run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.EvalSha(ctx, p, k, a...) })
+		if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
+			err = run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.Eval(ctx, p, k, a...) })
+		}
+		err = r.check(ctx, err)
 	}
-	err := run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.EvalSha(ctx, p, k, a...) })
-	if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
-		err = run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.Eval(ctx, p, k, a...) })
+	if err != nil {
+		return len(calls), 0, err
 	}
-	return len(calls), r.check(ctx, err)
+	var version uint64
+	for _, c := range calls {
+		v, err := parseVersion(c.res)
+		if err != nil {
+			return len(calls), 0, err
+		}
+		version = max(version, v)
+	}
+	return len(calls), version, nil
 }
 
 // scriptCall is one script run: its keys share a slot.

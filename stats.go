@@ -19,12 +19,18 @@ type Stats struct {
 	LoadTimeouts uint64
 	Shared       uint64 // callers that got the result of a load or read another caller started
 
+	// Leases (Options.LoadLease): one load per key per fleet, fenced.
+	LeasesGranted   uint64 // misses of both tiers that took the key's lease and loaded it
+	LeaseWaits      uint64 // misses that found another instance's lease and waited for its value
+	LeaseTakeovers  uint64 // leases taken after waiting for another's (its load failed, or its lease ran out)
+	FenceRejections uint64 // loaded values not cached: a Set or Delete of the key came during the load
+
 	RemoteErrors  uint64 // Redis calls that failed (reads, writes, write-backs)
 	CorruptValues uint64 // values in Redis under our key that were not ours or did not decode
 	EncodeErrors  uint64 // values the codec could not encode (never cached)
 	LocalTooLarge uint64 // values larger than LocalMaxBytes, kept in Redis only
 
-	InvalidationsPublished uint64 // invalidation messages this Cache sent (Set, Delete)
+	InvalidationsPublished uint64 // invalidation messages this Cache sent (Set, Delete, and loads other instances waited for)
 	InvalidationsReceived  uint64 // invalidation messages from other instances applied to L1
 	KeysInvalidated        uint64 // keys dropped from L1 by received invalidations
 	KeysReplaced           uint64 // of those, keys L1 held whose new value came with the invalidation and replaced the old one
@@ -42,7 +48,9 @@ type counters struct {
 	localMisses, remoteHits         atomic.Uint64
 	remoteMisses, loads, loadErrors atomic.Uint64
 	loadPanics, remoteErrors        atomic.Uint64
-	loadTimeouts                    atomic.Uint64
+	loadTimeouts, leasesGranted     atomic.Uint64
+	leaseWaits, leaseTakeovers      atomic.Uint64
+	fenceRejections                 atomic.Uint64
 	corrupt, encodeErrors, tooLarge atomic.Uint64
 	published, received, keysInval  atomic.Uint64
 	bypassed, shared, keysReplaced  atomic.Uint64

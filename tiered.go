@@ -43,6 +43,7 @@ type Cache[V any] struct {
 	reads  flight[V] // Get
 	loads  flight[V] // GetOrLoad
 	stats  counters
+	waits  leaseWaits // GetOrLoad flights waiting for another instance's load
 
 	ready  atomic.Bool // our channel's subscription is confirmed
 	closed atomic.Bool
@@ -112,7 +113,7 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (V, error) {
 	localTTL, _, _ := c.ttls(key, nil)
 	t := c.local.begin(key)
 	return c.reads.do(ctx, key, t, func(ctx context.Context) (V, flightLoad[V], error) {
-		v, res, _, err := c.fetch(ctx, key, t, localTTL)
+		v, res, _, _, err := c.fetch(ctx, key, t, localTTL, nil)
 		switch res {
 		case fetchHit:
 			return v, nil, nil
@@ -159,7 +160,15 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 	c.missed()
 	t := c.local.begin(key)
 	return c.loads.do(ctx, key, t, func(ctx context.Context) (V, flightLoad[V], error) {
-		v, res, held, _ := c.fetch(ctx, key, t, localTTL)
+		var v V
+		var res fetchResult
+		var found held
+		var token []byte
+		if c.opts.LoadLease > 0 {
+			v, res, found, token, _ = c.readLeased(ctx, key, t, localTTL)
+		} else {
+			v, res, found, _, _ = c.fetch(ctx, key, t, localTTL, nil)
+		}
 		switch {
 		case res == fetchHit:
 			return v, nil, nil
@@ -168,8 +177,11 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 		case res == fetchFailed && ctx.Err() != nil:
 			return v, nil, ctx.Err() // our caller gave up; not an outage
 		}
+		if token != nil {
+			found = held{mode: fillLease, value: token}
+		}
 		return zero, func(ctx context.Context) (V, error) {
-			return c.load(ctx, key, t, load, res, held, localTTL, remoteTTL)
+			return c.load(ctx, key, t, load, res, found, localTTL, remoteTTL)
 		}, nil
 	})
 }
@@ -213,7 +225,9 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	if e := c.entry(key, stored, false, len(b), localTTL, expires, version); e != nil && c.ready.Load() {
 		c.local.wrote(t, e)
 	} else {
-		c.local.invalidate(key) // the old value must not be served here
+		// L1 cannot hold v, but must not serve the old value, nor take an
+		// older write of this instance that ends after this one.
+		c.local.heard(key, version, nil)
 	}
 	return nil
 }
@@ -239,13 +253,18 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 	for _, k := range keys {
 		c.local.invalidate(k)
 	}
-	sent, err := c.remote.del(ctx, keys, messageHead(msgKeys, c.id))
-	for _, k := range keys {
-		c.local.invalidate(k)
-	}
+	sent, version, err := c.remote.del(ctx, keys, messageHead(msgKeys, c.id))
 	if err != nil {
+		for _, k := range keys {
+			c.local.invalidate(k)
+		}
 		c.remoteFailed(err)
 		return err
+	}
+	// Applied here as its message will be: an older Set of this instance
+	// that ends after the Delete must not store its value.
+	for _, k := range keys {
+		c.local.heard(k, version, nil)
 	}
 	c.stats.published.Add(uint64(sent))
 	return nil
@@ -263,6 +282,10 @@ func (c *Cache[V]) Stats() Stats {
 		LoadErrors:             s.loadErrors.Load(),
 		LoadPanics:             s.loadPanics.Load(),
 		LoadTimeouts:           s.loadTimeouts.Load(),
+		LeasesGranted:          s.leasesGranted.Load(),
+		LeaseWaits:             s.leaseWaits.Load(),
+		LeaseTakeovers:         s.leaseTakeovers.Load(),
+		FenceRejections:        s.fenceRejections.Load(),
 		Shared:                 s.shared.Load(),
 		RemoteErrors:           s.remoteErrors.Load(),
 		CorruptValues:          s.corrupt.Load(),
@@ -333,40 +356,63 @@ const (
 	fetchMiss                        // Redis has nothing
 	fetchCorrupt                     // Redis has something that is not ours
 	fetchFailed                      // Redis did not answer
+	fetchLeased                      // another instance's load holds a lease on the key
 )
 
-// fetch reads key from Redis and, on a hit, keeps it in L1 under t. If the
-// value is corrupt, it returns how the load may replace it: mode and, for
-// a corrupt string, what Redis held.
-func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL time.Duration) (V, fetchResult, held, error) {
-	var zero V
-	b, found, err := c.remote.get(ctx, key)
+// fetch reads key from Redis and, on a hit, keeps it in L1 under t. With a
+// lease token, it reads for a load (see leases.go): an empty key is then
+// leased to the caller (fetchMiss), and another load's lease is
+// fetchLeased, with the time it has left. If the value is corrupt, it
+// returns how the load may replace it: mode and, for a corrupt string, what
+// Redis held.
+func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL time.Duration, token []byte) (
+	v V, res fetchResult, found held, left time.Duration, err error) {
+	var b []byte
+	present := false
+	if token == nil {
+		b, present, err = c.remote.get(ctx, key)
+	} else {
+		var state leaseState
+		lease := encodeEnvelope(kindLease, addSat(c.clock.now(), int64(c.opts.LoadLease)), token)
+		b, state, left, err = c.remote.leased(ctx, key, lease, c.opts.LoadLease)
+		switch {
+		case err == nil && state == leaseWrongType:
+			err = errWrongType
+		case err == nil:
+			present = state == leaseFound
+		}
+	}
 	switch {
 	case errors.Is(err, errWrongType):
 		c.corrupted(key, err)
-		return zero, fetchCorrupt, held{mode: fillWrongType}, nil
+		return v, fetchCorrupt, held{mode: fillWrongType}, 0, nil
 	case err != nil:
 		c.remoteFailed(err)
-		return zero, fetchFailed, held{}, err
-	case !found:
+		return v, fetchFailed, held{}, 0, err
+	case !present:
 		c.stats.remoteMisses.Add(1)
-		return zero, fetchMiss, held{}, nil
+		return v, fetchMiss, held{}, 0, nil
 	}
 	env, err := decodeEnvelope(b)
-	v := zero
 	if err == nil && env.kind == kindValue {
 		v, err = c.codec.decode(env.payload)
 	}
-	if err != nil {
+	switch {
+	case err != nil:
 		c.corrupted(key, err)
-		return zero, fetchCorrupt, held{mode: fillSame, value: b}, nil
+		return v, fetchCorrupt, held{mode: fillSame, value: b}, 0, nil
+	case env.isLease() && token != nil:
+		return v, fetchLeased, held{}, left, nil
+	case env.isLease():
+		c.stats.remoteMisses.Add(1) // another instance is loading it
+		return v, fetchMiss, held{}, 0, nil
 	}
 	c.stats.remoteHits.Add(1)
 	c.keep(key, t, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false, false)
 	if env.kind == kindNotFound {
-		return zero, fetchNotFound, held{}, nil
+		return v, fetchNotFound, held{}, 0, nil
 	}
-	return v, fetchHit, held{}, nil
+	return v, fetchHit, held{}, 0, nil
 }
 
 // held is what a read found in Redis that a load may replace.
@@ -383,11 +429,34 @@ func (c *Cache[V]) corrupted(key string, err error) {
 }
 
 // load calls the loader for key and caches what it returns. res is what
-// fetch found in Redis, and found what a write-back may replace.
+// fetch found in Redis, and found what a write-back may replace: with
+// fillLease, the load holds the key's lease, and gives it up if it stores
+// nothing (so that waiting instances take over at once).
 func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
-	load func(context.Context, string) (V, error), res fetchResult, found held, localTTL, remoteTTL time.Duration) (V, error) {
+	load func(context.Context, string) (V, error), res fetchResult, found held, localTTL, remoteTTL time.Duration) (v V, err error) {
+	settled := false
+	if found.mode == fillLease {
+		// A load past LoadTimeout gives up the lease at once, while its
+		// loader may still run: its flight has ended, and another instance
+		// must not wait for the lease to run out.
+		release := func(kind byte) {
+			if c.remote.release(ctx, key, found.value, messageHead(kind, c.id), encodeKeys(key)) {
+				c.stats.published.Add(1)
+			}
+		}
+		timedOut := context.AfterFunc(ctx, func() { release(msgKeys) })
+		defer func() {
+			if timedOut() && !settled {
+				kind := byte(msgKeys)
+				if errors.Is(err, ErrNotFound) {
+					kind = msgNotFound
+				}
+				release(kind)
+			}
+		}()
+	}
 	c.stats.loads.Add(1)
-	v, err := load(ctx, key)
+	v, err = load(ctx, key)
 	if ctx.Err() != nil {
 		// Past LoadTimeout: the flight has ended with an error, and a
 		// result this late must not be cached either.
@@ -424,10 +493,25 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 	stored := false
 	var version uint64
 	if !outage {
-		version, stored, err = c.remote.fill(ctx, key, encodeEnvelope(kind, expires, b), ttl, found.mode, found.value)
-		if err != nil {
+		msg := byte(msgKeys)
+		if len(b) <= c.opts.PublishValueMaxBytes {
+			msg = msgValue
+		}
+		var published bool
+		version, stored, published, err = c.remote.fill(ctx, key, encodeEnvelope(kind, expires, b), ttl, found.mode, found.value,
+			messageHead(msg, c.id), encodeKeys(key), msg == msgValue)
+		if published {
+			c.stats.published.Add(1)
+		}
+		switch {
+		case err != nil:
 			c.remoteFailed(err)
 			outage = true
+		case stored:
+			settled = true
+		case found.mode == fillLease:
+			settled = true // a Set or Delete replaced the lease: nothing to release
+			c.stats.fenceRejections.Add(1)
 		}
 	}
 	if stored || outage {
@@ -540,6 +624,9 @@ func (c *Cache[V]) invalidated(payload string) {
 		for _, k := range m.keys {
 			c.local.heard(k, m.version, nil)
 		}
+	}
+	for _, k := range m.keys {
+		c.waits.wake(k, m.kind, m.envelope, c.local.begin)
 	}
 	if m.origin == c.id {
 		return

@@ -823,12 +823,14 @@ func TestLoadTimeoutBoundsTheLoaderContext(t *testing.T) {
 	_, rdb := newMiniredis(t)
 	const timeout = 50 * time.Millisecond
 	c := newCoreCache[string](t, rdb, Options{LoadTimeout: timeout})
-	var deadline time.Time
-	var hasDeadline bool
-	var called time.Time
+	type seen struct {
+		called, deadline time.Time
+		hasDeadline      bool
+	}
+	seenCh := make(chan seen, 1)
 	load := func(ctx context.Context, _ string) (string, error) {
-		called = time.Now()
-		deadline, hasDeadline = ctx.Deadline()
+		d, ok := ctx.Deadline()
+		seenCh <- seen{time.Now(), d, ok}
 		select { // a loader that only stops when told to
 		case <-ctx.Done():
 			return "", ctx.Err()
@@ -840,8 +842,8 @@ func TestLoadTimeoutBoundsTheLoaderContext(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("GetOrLoad: %v, want the loader's context.DeadlineExceeded", err)
 	}
-	if !hasDeadline || deadline.After(called.Add(timeout)) {
-		t.Errorf("loader context deadline %v (set: %v); want within LoadTimeout of the call at %v", deadline, hasDeadline, called)
+	if l := <-seenCh; !l.hasDeadline || l.deadline.After(l.called.Add(timeout)) {
+		t.Errorf("loader context deadline %v (set: %v); want within LoadTimeout of the call at %v", l.deadline, l.hasDeadline, l.called)
 	}
 	if s := c.Stats(); s.RemoteErrors != 0 {
 		t.Errorf("RemoteErrors = %d; a load timeout is not a Redis failure", s.RemoteErrors)
@@ -1608,7 +1610,7 @@ func TestStatsCountersMoveAsDocumented(t *testing.T) {
 		t.Fatalf("b Get after Delete: %v", err)
 	}
 
-	wantA := Stats{LocalHits: 1, LocalMisses: 4, RemoteMisses: 4, Loads: 3, LoadErrors: 2, LoadPanics: 1, InvalidationsPublished: 2}
+	wantA := Stats{LocalHits: 1, LocalMisses: 4, RemoteMisses: 4, Loads: 3, LoadErrors: 2, LoadPanics: 1, LeasesGranted: 3, InvalidationsPublished: 2}
 	wantB := Stats{LocalMisses: 2, RemoteHits: 1, RemoteMisses: 1, InvalidationsReceived: 2, KeysInvalidated: 3}
 	if got := a.Stats(); got != wantA {
 		t.Errorf("a.Stats() =\n%+v\nwant\n%+v", got, wantA)
