@@ -32,6 +32,14 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.LoadTimeouts }},
 	{"tiered.shared", "{caller}", "Callers that got the result of a load or Redis read another caller started.",
 		func(s *tiered.Stats) uint64 { return s.Shared }},
+	{"tiered.leases_granted", "{lease}", "Misses of both tiers that took the key's lease and loaded it.",
+		func(s *tiered.Stats) uint64 { return s.LeasesGranted }},
+	{"tiered.lease_waits", "{wait}", "Misses that found another instance's lease and waited for its value.",
+		func(s *tiered.Stats) uint64 { return s.LeaseWaits }},
+	{"tiered.lease_takeovers", "{lease}", "Leases taken after waiting for another's (its load failed, or its lease ran out).",
+		func(s *tiered.Stats) uint64 { return s.LeaseTakeovers }},
+	{"tiered.fence_rejections", "{value}", "Loaded values not cached: a Set or Delete of the key came during the load.",
+		func(s *tiered.Stats) uint64 { return s.FenceRejections }},
 
 	{"tiered.remote_errors", "{call}", "Redis calls that failed (reads, writes, write-backs).",
 		func(s *tiered.Stats) uint64 { return s.RemoteErrors }},
@@ -42,7 +50,7 @@ var metrics = []struct {
 	{"tiered.local_too_large", "{value}", "Values larger than LocalMaxBytes, kept in Redis only.",
 		func(s *tiered.Stats) uint64 { return s.LocalTooLarge }},
 
-	{"tiered.invalidations_published", "{message}", "Invalidation messages this cache sent (Set, Delete).",
+	{"tiered.invalidations_published", "{message}", "Invalidation messages this cache sent (Set, Delete, and loads other instances waited for).",
 		func(s *tiered.Stats) uint64 { return s.InvalidationsPublished }},
 	{"tiered.invalidations_received", "{message}", "Invalidation messages from other instances applied to L1.",
 		func(s *tiered.Stats) uint64 { return s.InvalidationsReceived }},

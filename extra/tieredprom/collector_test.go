@@ -188,6 +188,7 @@ func exercise(t *testing.T, c *tiered.Cache[string]) tiered.Stats {
 	want.LocalMisses++
 	want.RemoteMisses++
 	want.Loads++
+	want.LeasesGranted++ // a miss of both tiers takes the key's lease
 	fail := func(context.Context, string) (string, error) { return "", errors.New("db down") }
 	if _, err := c.GetOrLoad(ctx, "c", fail); err == nil {
 		t.Fatal(`GetOrLoad("c") with a failing loader: no error`)
@@ -195,6 +196,7 @@ func exercise(t *testing.T, c *tiered.Cache[string]) tiered.Stats {
 	want.LocalMisses++
 	want.RemoteMisses++
 	want.Loads++
+	want.LeasesGranted++ // a miss of both tiers takes the key's lease
 	want.LoadErrors++
 
 	if got := c.Stats(); got != want {

@@ -31,6 +31,14 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.LoadTimeouts }},
 	{"shared_total", "Callers that got the result of a load or Redis read another caller started.",
 		func(s *tiered.Stats) uint64 { return s.Shared }},
+	{"leases_granted_total", "Misses of both tiers that took the key's lease and loaded it.",
+		func(s *tiered.Stats) uint64 { return s.LeasesGranted }},
+	{"lease_waits_total", "Misses that found another instance's lease and waited for its value.",
+		func(s *tiered.Stats) uint64 { return s.LeaseWaits }},
+	{"lease_takeovers_total", "Leases taken after waiting for another's (its load failed, or its lease ran out).",
+		func(s *tiered.Stats) uint64 { return s.LeaseTakeovers }},
+	{"fence_rejections_total", "Loaded values not cached: a Set or Delete of the key came during the load.",
+		func(s *tiered.Stats) uint64 { return s.FenceRejections }},
 
 	{"remote_errors_total", "Redis calls that failed (reads, writes, write-backs).",
 		func(s *tiered.Stats) uint64 { return s.RemoteErrors }},
@@ -41,7 +49,7 @@ var metrics = []struct {
 	{"local_too_large_total", "Values larger than LocalMaxBytes, kept in Redis only.",
 		func(s *tiered.Stats) uint64 { return s.LocalTooLarge }},
 
-	{"invalidations_published_total", "Invalidation messages this cache sent (Set, Delete).",
+	{"invalidations_published_total", "Invalidation messages this cache sent (Set, Delete, and loads other instances waited for).",
 		func(s *tiered.Stats) uint64 { return s.InvalidationsPublished }},
 	{"invalidations_received_total", "Invalidation messages from other instances applied to L1.",
 		func(s *tiered.Stats) uint64 { return s.InvalidationsReceived }},
