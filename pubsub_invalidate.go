@@ -59,6 +59,7 @@ type subscriber struct {
 	gapSeq   uint64        // pings up to this one were sent before the last gap
 	gapAt    time.Time     // when the last gap was noticed, or the subscription last rebuilt
 	resubbed bool          // the private channel's subscription was confirmed since the last gap
+	healed   chan struct{} // closed while healthy; a new one at every gap
 	pingSeq  atomic.Uint64 // last ping sequence number sent
 	pingSent atomic.Int64  // UnixNano of the oldest unanswered ping; 0 if none
 	lastPong atomic.Int64  // UnixNano of the last answer
@@ -152,6 +153,7 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 	s.epoch.Store(1) // unhealthy until the first ping is answered
 	s.lastPong.Store(time.Now().UnixNano())
 	s.gapAt = time.Now()
+	s.healed = make(chan struct{})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	// Subscribe dials now; if Redis is down the loop keeps redialing.
 	s.ps = client.Subscribe(s.ctx, s.hbChannel)
@@ -217,6 +219,14 @@ func (s *subscriber) remove(channel string, m member) {
 
 func (s *subscriber) healthy() bool { return s.epoch.Load()&1 == 0 }
 
+// healedChan returns a channel that is closed while the subscription is
+// healthy.
+func (s *subscriber) healedChan() <-chan struct{} {
+	s.stateMu.Lock()
+	defer s.stateMu.Unlock()
+	return s.healed
+}
+
 // gap records that messages may have been lost. It reports whether the
 // subscription was healthy until now.
 func (s *subscriber) gap(reason string, err error) bool {
@@ -228,6 +238,7 @@ func (s *subscriber) gap(reason string, err error) bool {
 		return false
 	}
 	s.gapAt = time.Now()
+	s.healed = make(chan struct{})
 	s.epoch.Add(1)
 	s.gaps.Add(1)
 	s.log.Warn("tiered: invalidation subscription lost; L1 bypassed until it is back",
@@ -316,6 +327,7 @@ func (s *subscriber) heal(seq uint64) {
 	defer s.stateMu.Unlock()
 	if s.epoch.Load()&1 == 1 && seq > s.gapSeq && s.resubbed {
 		s.epoch.Add(1)
+		close(s.healed)
 		s.log.Info("tiered: invalidation subscription healthy")
 	}
 }

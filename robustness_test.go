@@ -358,3 +358,50 @@ func TestLargeDeletesAreSplitIntoBoundedMessages(t *testing.T) {
 		t.Errorf("Set of a %d-byte key = %v; want ErrInvalidKey", maxKeyBytes+1, err)
 	}
 }
+
+// WaitReady returns once L1 is in use, so a Set right after it is served
+// from L1; Ready says the same without blocking.
+func TestWaitReadyReturnsOnceL1IsInUse(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMiniredis(t)
+	c, err := New[string](Options{Redis: rdb, Namespace: uniqueNamespace(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Ready() {
+		t.Error("Ready() = false after WaitReady")
+	}
+	if err := c.Set(ctx, "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	if _, fromL1, err := getWithSource(c, "k"); err != nil || !fromL1 {
+		t.Errorf("Get after WaitReady and Set: from L1 %v, %v; want an L1 hit", fromL1, err)
+	}
+	_ = c.Close()
+	if c.Ready() {
+		t.Error("Ready() = true after Close")
+	}
+	if err := c.WaitReady(ctx); !errors.Is(err, ErrClosed) {
+		t.Errorf("WaitReady after Close = %v; want ErrClosed", err)
+	}
+}
+
+// WaitReady gives up when its context ends: with Redis down the cache
+// never becomes ready.
+func TestWaitReadyEndsWithItsContext(t *testing.T) {
+	mr, rdb := coreOutageMiniredis(t)
+	mr.Close()
+	c, err := New[string](Options{Redis: rdb, Namespace: uniqueNamespace(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := c.WaitReady(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("WaitReady with Redis down = %v; want context.DeadlineExceeded", err)
+	}
+}

@@ -45,8 +45,9 @@ type Cache[V any] struct {
 	stats  counters
 	waits  leaseWaits // GetOrLoad flights waiting for another instance's load
 
-	ready  atomic.Bool // our channel's subscription is confirmed
-	closed atomic.Bool
+	ready   atomic.Bool   // our channel's subscription is confirmed
+	readyCh chan struct{} // closed when ready is set
+	closed  atomic.Bool
 
 	remoteLog, corruptLog, encodeLog, panicLog burstLog
 }
@@ -64,10 +65,11 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 		return nil, err
 	}
 	c := &Cache[V]{
-		opts:  opts,
-		id:    rand.Uint64(),
-		clock: clk,
-		codec: valueCodec[V]{codec: opts.Codec},
+		readyCh: make(chan struct{}),
+		opts:    opts,
+		id:      rand.Uint64(),
+		clock:   clk,
+		codec:   valueCodec[V]{codec: opts.Codec},
 		remote: remote{
 			client:       opts.Redis,
 			prefix:       opts.Namespace + ":",
@@ -268,6 +270,38 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 	}
 	c.stats.published.Add(uint64(sent))
 	return nil
+}
+
+// WaitReady blocks until the cache serves from L1 (its invalidation subscription is confirmed and healthy), or ctx ends (then it returns ctx.Err()).
+//
+// Until then, and whenever the subscription is unhealthy later, reads go to
+// Redis: correct, but slower. A service that wants L1 from its first
+// request, or a test that checks that a Set is served from L1, waits here
+// after New. On a closed cache it returns ErrClosed.
+func (c *Cache[V]) WaitReady(ctx context.Context) error {
+	for !c.Ready() {
+		if c.closed.Load() {
+			return ErrClosed
+		}
+		select {
+		case <-c.readyCh:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		select {
+		case <-c.sub.healedChan():
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// Ready reports whether the cache serves from L1 now: its invalidation
+// subscription is confirmed and healthy. It does not block; use it in a
+// health check (a cache that is not ready still answers, from Redis).
+func (c *Cache[V]) Ready() bool {
+	return !c.closed.Load() && c.ready.Load() && c.sub.healthy()
 }
 
 // Stats returns a snapshot of the cache's counters.
@@ -589,7 +623,9 @@ func (c *Cache[V]) panicked(err error) {
 // before it is used.
 func (c *Cache[V]) subscribed() {
 	c.local.invalidateAll()
-	c.ready.Store(true)
+	if !c.ready.Swap(true) {
+		close(c.readyCh)
+	}
 }
 
 // clusterChanged is called when a Redis Cluster's masters changed: where
