@@ -78,6 +78,7 @@ type flightCall[V any] struct {
 	done      chan struct{}
 	finished  bool // under flight.mu: the result is set
 	val       V
+	src       Source
 	err       error
 	abandoned bool // the leader's context ended during its read, and nobody waited
 }
@@ -92,7 +93,7 @@ type flightLoad[V any] func(ctx context.Context) (V, error)
 // do returns the result of the flight for key: one it leads, running read,
 // or the one in progress if it began under t or later. The result is
 // shared: callers must treat it as read-only.
-func (f *flight[V]) do(ctx context.Context, key string, t ticket, read flightRead[V]) (V, error) {
+func (f *flight[V]) do(ctx context.Context, key string, t ticket, read flightRead[V]) (V, Source, error) {
 	for {
 		f.mu.Lock()
 		c, ok := f.calls[key]
@@ -111,16 +112,16 @@ func (f *flight[V]) do(ctx context.Context, key string, t ticket, read flightRea
 		case <-done:
 		case <-ctx.Done():
 			var zero V
-			return zero, ctx.Err()
+			return zero, SourceNone, ctx.Err()
 		}
 		if !c.abandoned {
 			f.shared.Add(1)
-			return c.val, c.err
+			return c.val, c.src, c.err
 		}
 	}
 }
 
-func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read flightRead[V]) (V, error) {
+func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read flightRead[V]) (V, Source, error) {
 	var load flightLoad[V]
 	v, err := f.guard(func() (v V, err error) {
 		v, load, err = read(ctx)
@@ -131,53 +132,61 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 		f.mu.Lock()
 		done := f.waitOn(c)
 		f.mu.Unlock()
-		f.detach(ctx, key, c, load)
+		f.detach(ctx, key, c, func(ctx context.Context) (V, Source, error) {
+			v, err := load(ctx)
+			return v, SourceLoader, err
+		})
 		select {
 		case <-done:
-			return c.val, c.err
+			return c.val, c.src, c.err
 		case <-ctx.Done():
 			var zero V
-			return zero, ctx.Err()
+			return zero, SourceNone, ctx.Err()
 		}
 	case err != nil && errors.Is(err, ctx.Err()):
 		f.mu.Lock()
 		waited := c.done != nil
 		f.mu.Unlock()
 		if !waited {
-			f.finish(key, c, v, err, true)
-			return v, err
+			f.finish(key, c, v, SourceNone, err, true)
+			return v, SourceNone, err
 		}
-		f.detach(ctx, key, c, func(ctx context.Context) (V, error) {
+		f.detach(ctx, key, c, func(ctx context.Context) (V, Source, error) {
 			v, load, err := read(ctx)
 			if load != nil {
-				return load(ctx)
+				v, err = load(ctx)
+				return v, SourceLoader, err
 			}
-			return v, err
+			return v, SourceRemote, err
 		})
-		return v, err
+		return v, SourceNone, err
 	default:
-		f.finish(key, c, v, err, false)
-		return v, err
+		f.finish(key, c, v, SourceRemote, err, false)
+		return v, SourceRemote, err
 	}
 }
 
 // detach finishes flight c with work, run on a goroutine of its own under a
 // context that keeps ctx's values but not its cancellation, or with an
 // error at the flight's timeout, whichever comes first.
-func (f *flight[V]) detach(ctx context.Context, key string, c *flightCall[V], work flightLoad[V]) {
+func (f *flight[V]) detach(ctx context.Context, key string, c *flightCall[V], work func(context.Context) (V, Source, error)) {
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.timeout)
 	stop := context.AfterFunc(dctx, func() {
 		err := fmt.Errorf("tiered: no result for key %q within LoadTimeout (%v): %w", key, f.timeout, context.DeadlineExceeded)
 		var zero V
-		if f.finish(key, c, zero, err, false) {
+		if f.finish(key, c, zero, SourceNone, err, false) {
 			f.onTimeout(err)
 		}
 	})
 	go func() {
 		defer cancel()
-		v, err := f.guard(func() (V, error) { return work(dctx) })
+		src := SourceNone
+		v, err := f.guard(func() (v V, err error) {
+			v, src, err = work(dctx)
+			return v, err
+		})
 		stop()
-		f.finish(key, c, v, err, false)
+		f.finish(key, c, v, src, err, false)
 	}()
 }
 
@@ -206,14 +215,14 @@ func (f *flight[V]) waitOn(c *flightCall[V]) chan struct{} {
 // leaves the table in the same step (unless a newer flight of the key
 // replaced it there), so that a caller who comes after the result was
 // published starts a new flight rather than getting an old result.
-func (f *flight[V]) finish(key string, c *flightCall[V], v V, err error, abandoned bool) bool {
+func (f *flight[V]) finish(key string, c *flightCall[V], v V, src Source, err error, abandoned bool) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if c.finished {
 		return false
 	}
 	c.finished = true
-	c.val, c.err, c.abandoned = v, err, abandoned
+	c.val, c.src, c.err, c.abandoned = v, src, err, abandoned
 	if f.calls[key] == c {
 		delete(f.calls, key)
 	}
