@@ -1,23 +1,3 @@
-// Package tiered is a two-tier cache for Go services: an in-process L1 in
-// front of Redis (L2), kept coherent across instances by Redis pub/sub.
-//
-// A read (Get, GetOrLoad) first asks L1, a ristretto cache of decoded Go
-// values bounded in bytes; a hit costs a ristretto lookup, two hashes and a
-// few atomic operations, with no decoding and no allocation. On a miss,
-// concurrent callers of one key share one flight: it reads Redis, where
-// values sit in a small envelope (format, expiry, encoded value), and on a
-// hit fills L1 for no longer than the Redis entry has left. If Redis does
-// not have the key, GetOrLoad calls the loader once, writes the result back
-// to Redis (only if Redis still has no value, so a concurrent Set wins),
-// then fills L1. A write (Set, Delete) changes Redis and publishes an
-// invalidation in one atomic script; every other instance drops the key from
-// its L1 when the message arrives, or, if a Set's small value came with it,
-// replaces it with the new value. Each L1 entry remembers the key's
-// generation and the subscription's epoch from when its fill began, and is
-// served only while both are unchanged, so a fill that raced an
-// invalidation, or that happened while messages could be lost, is never
-// served. When Redis is down, reads fall back to the loader and to L1: the
-// cache degrades, the service does not.
 package tiered
 
 import (

@@ -1,0 +1,84 @@
+// Package tiered is a two-tier cache for Go services: an in-process L1 in
+// front of Redis (L2), kept coherent across instances by Redis pub/sub,
+// with one load per key across the fleet.
+//
+// # Data path
+//
+// A read (Get, GetOrLoad) first asks L1, a ristretto cache of decoded Go
+// values bounded in bytes; a hit costs a ristretto lookup, two hashes and a
+// few atomic operations, with no decoding and no allocation. On a miss,
+// concurrent callers of one key in one process share one flight, which
+// reads Redis, where values sit in a small envelope (format, kind, version,
+// expiry, encoded value), and on a hit fills L1 for no longer than the
+// Redis entry has left. If Redis does not have the key, GetOrLoad's read
+// takes the key's lease in the same round trip, calls the loader, and
+// writes the result back if no Set or Delete came meanwhile (see Leases).
+// A write (Set, Delete) changes Redis and publishes an invalidation in one
+// atomic script; every other instance drops the key from its L1 when the
+// message arrives, or, if a Set's small value came with it, replaces the
+// old value with it.
+//
+// # Consistency
+//
+// Once the messages published before a read began have reached an
+// instance, it serves what Redis holds. Until then it may serve the value
+// the writes replaced: between a writer's Set or Delete returning and its
+// message arriving (one pub/sub hop), for at most 4 × HeartbeatInterval
+// after its subscription silently died, and up to the L1 TTL for writes
+// made to Redis or your database without this package. Once its own Set or
+// Delete of a key has returned, an instance never serves an older value of
+// that key (read-your-writes).
+//
+// Three mechanisms make that hold. Versions: Redis stamps every write
+// with a version that grows, per key, in the order it ran the writes; L1
+// takes a value only if it is newer than every version of its key it has
+// heard of, and an invalidation removes only what is older than it, which
+// orders an instance's own writes against other instances' messages.
+// Generations: every fill (a Redis read or a load) records the key's
+// generation when it began, and is never served once an invalidation or
+// write of the key moved it. Epochs: a subscription gap (a reconnect, a
+// CLIENT KILL, a stall found by the heartbeat) makes L1 a miss at once, and
+// nothing filled before the subscription is proven back is served after.
+//
+// # Leases
+//
+// A GetOrLoad that misses both tiers stores a lease (a random token) under
+// the key in Redis for Options.LoadLease. Its write-back lands only if the
+// key still holds the token, so a Set or Delete during a slow load wins:
+// the loaded value is returned to the callers that asked, and cached in
+// neither tier. Other instances that miss the key meanwhile wait for the
+// holder's value, woken by its message, and take the lease over if the
+// holder's load fails, hangs past LoadTimeout or dies (within the lease).
+// A writer that bypasses the cache (a plain SET or DEL in Redis) is not
+// fenced.
+//
+// # Failures
+//
+// A Redis outage makes the cache slower, never the service unavailable:
+// GetOrLoad serves L1 and the loader (fail-open), a breaker makes calls
+// fail fast while Redis is down, and Get, Set and Delete return errors
+// wrapping ErrRemoteUnavailable. A loader error, panic (ErrLoaderPanic) or
+// hang (LoadTimeout) reaches the callers of that load only. Values that
+// are not ours in Redis, of any Redis type, are misses that the next load
+// replaces; a Codec or LocalTTLFunc that panics is contained. Bound how
+// long a slow Redis can hold a call with the client's timeouts (see the
+// README for measured first-call times).
+//
+// # Cluster
+//
+// Options.Redis may be a *redis.Client (single node or Sentinel) or a
+// *redis.ClusterClient. On a cluster, Delete groups keys by slot, the
+// subscription may sit on any node (Redis forwards every PUBLISH), values
+// are not sent with invalidations by default, and a change of masters
+// flushes L1. A stalled cluster-bus link into the subscription's node is
+// not yet detected (the heartbeat proves only the subscription's own
+// connection), so on a cluster the 4 × HeartbeatInterval bound for silent
+// failures does not hold for that case.
+//
+// # Compatibility
+//
+// All instances that share a Namespace must run the same version of this
+// package until v1: the envelope and message formats may change between
+// versions (a value in an older format reads as a miss). Deploy a new
+// version under a new Namespace.
+package tiered
