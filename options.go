@@ -78,9 +78,10 @@ type Options struct {
 	LoadLease time.Duration
 
 	// HeartbeatInterval is how often the invalidation subscription proves it
-	// is alive by receiving a message this process published. A subscription
-	// that has not received one for 3 intervals is declared dead: L1 is
-	// bypassed and the subscription rebuilt. Default 500 ms. Caches that
+	// is alive: a PING on its own connection. A subscription with a PING
+	// unanswered and no answer for 3 intervals is declared dead: L1 is
+	// bypassed and the subscription rebuilt, so a silent death is noticed
+	// within 4 intervals. Default 500 ms. Caches that
 	// share a Redis client share one subscription, whose interval is that of
 	// the first Cache created on the client.
 	HeartbeatInterval time.Duration
