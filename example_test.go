@@ -1,7 +1,9 @@
 package tiered_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/gob"
 	"errors"
 	"fmt"
 	"strings"
@@ -12,31 +14,23 @@ import (
 	"github.com/tieredcache/tiered"
 )
 
-// The examples run on an embedded miniredis so that they need no server;
-// in a service, Options.Redis is your own client.
+// The examples run on an embedded miniredis (github.com/alicebob/miniredis)
+// so that they need no server; in a service, Options.Redis is your own
+// client, e.g. redis.NewClient(&redis.Options{Addr: "127.0.0.1:6379"}).
 
 type User struct {
 	ID   string
 	Name string
 }
 
-// exampleRedis starts an embedded Redis and returns a client on it and a
-// function that stops both.
-func exampleRedis() (*redis.Client, func()) {
-	mr, err := miniredis.Run()
+func ExampleNew() {
+	mr, err := miniredis.Run() // an embedded Redis, for the example
 	if err != nil {
 		panic(err)
 	}
+	defer mr.Close()
 	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
-	return rdb, func() {
-		_ = rdb.Close()
-		mr.Close()
-	}
-}
-
-func ExampleNew() {
-	rdb, stop := exampleRedis()
-	defer stop()
+	defer rdb.Close()
 
 	users, err := tiered.New[User](tiered.Options{
 		Redis:     rdb,        // required; never closed by the cache
@@ -49,7 +43,15 @@ func ExampleNew() {
 	}
 	defer users.Close()
 
+	// Until its invalidation subscription is confirmed, the cache answers
+	// from Redis only. Wait for it where L1 matters from the first request.
 	ctx := context.Background()
+	readyCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := users.WaitReady(readyCtx); err != nil {
+		panic(err)
+	}
+
 	if err := users.Set(ctx, "42", User{ID: "42", Name: "Ada"}); err != nil {
 		panic(err)
 	}
@@ -64,9 +66,54 @@ func ExampleNew() {
 	// true
 }
 
+// A Redis Cluster: pass a *redis.ClusterClient. This example only compiles
+// (it has no output to check, so it is not run): it needs a real cluster.
+func ExampleNew_cluster() {
+	rdb := redis.NewClusterClient(&redis.ClusterOptions{
+		Addrs: []string{"10.0.0.1:6379", "10.0.0.2:6379", "10.0.0.3:6379"},
+		// Reads must go to masters: New rejects a client with ReadOnly,
+		// RouteByLatency or RouteRandomly (a lagging replica would put
+		// overwritten values back into L1). The defaults need no tuning;
+		// timeouts bound how long a slow node can hold a call.
+		ReadTimeout:  time.Second,
+		WriteTimeout: time.Second,
+	})
+	defer rdb.Close()
+
+	users, err := tiered.New[User](tiered.Options{
+		Redis:     rdb,
+		Namespace: "users:v1",
+		// Optional: Set and Delete return only once a replica has the write
+		// (Redis WAIT), so a failover right after does not lose it.
+		// WaitTimeout must be below the client's ReadTimeout.
+		WaitReplicas: 1,
+		WaitTimeout:  500 * time.Millisecond,
+		// PublishValueMaxBytes is left at its default, which on a
+		// ClusterClient sends invalidations without values.
+	})
+	if err != nil {
+		panic(err)
+	}
+	defer users.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := users.WaitReady(ctx); err != nil {
+		panic(err)
+	}
+	// Delete groups keys by hash slot: no CROSSSLOT errors.
+	_ = users.Delete(ctx, "42", "43", "44")
+}
+
 func ExampleCache_GetOrLoad() {
-	rdb, stop := exampleRedis()
-	defer stop()
+	mr, err := miniredis.Run()
+	if err != nil {
+		panic(err)
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+
 	users, err := tiered.New[User](tiered.Options{
 		Redis:       rdb,
 		Namespace:   "users:v1",
@@ -76,6 +123,12 @@ func ExampleCache_GetOrLoad() {
 		panic(err)
 	}
 	defer users.Close()
+	ctx := context.Background()
+	readyCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := users.WaitReady(readyCtx); err != nil {
+		panic(err)
+	}
 
 	loads := 0
 	loadUser := func(ctx context.Context, id string) (User, error) {
@@ -86,7 +139,6 @@ func ExampleCache_GetOrLoad() {
 		return User{ID: id, Name: "Ada"}, nil
 	}
 
-	ctx := context.Background()
 	for range 3 {
 		u, err := users.GetOrLoad(ctx, "42", loadUser) // L1, else Redis, else loadUser
 		fmt.Println(u.Name, err)
@@ -106,14 +158,25 @@ func ExampleCache_GetOrLoad() {
 }
 
 func ExampleCache_Set() {
-	rdb, stop := exampleRedis()
-	defer stop()
+	mr, err := miniredis.Run()
+	if err != nil {
+		panic(err)
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+
 	users, err := tiered.New[User](tiered.Options{Redis: rdb, Namespace: "users:v1"})
 	if err != nil {
 		panic(err)
 	}
 	defer users.Close()
 	ctx := context.Background()
+	readyCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := users.WaitReady(readyCtx); err != nil {
+		panic(err)
+	}
 
 	// After the row changes: write through. Every other instance drops its
 	// L1 copy; this one serves the new value at once.
@@ -136,12 +199,196 @@ func ExampleCache_Set() {
 	// true
 }
 
+// Two instances of a service, each with its own Redis client, share a
+// Namespace: a Set on one reaches the other's L1 through Redis pub/sub.
+// Here both run in one process on one embedded Redis.
+func Example_twoInstances() {
+	mr, err := miniredis.Run()
+	if err != nil {
+		panic(err)
+	}
+	defer mr.Close()
+	ctx := context.Background()
+	readyCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+
+	// Each instance has its own client, as separate processes would.
+	rdbA := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdbA.Close()
+	rdbB := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdbB.Close()
+	a, err := tiered.New[User](tiered.Options{Redis: rdbA, Namespace: "users:v1"})
+	if err != nil {
+		panic(err)
+	}
+	defer a.Close()
+	b, err := tiered.New[User](tiered.Options{Redis: rdbB, Namespace: "users:v1"})
+	if err != nil {
+		panic(err)
+	}
+	defer b.Close()
+	if err := a.WaitReady(readyCtx); err != nil {
+		panic(err)
+	}
+	if err := b.WaitReady(readyCtx); err != nil {
+		panic(err)
+	}
+
+	// waitForMessages waits, for at most 5 s, until b has applied n
+	// invalidation messages from other instances. A service does not wait
+	// for invalidations; the example does, to show their effect
+	// deterministically.
+	waitForMessages := func(n uint64) {
+		for deadline := time.Now().Add(5 * time.Second); b.Stats().InvalidationsReceived < n; {
+			if time.Now().After(deadline) {
+				panic("invalidation did not arrive")
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+
+	if err := a.Set(ctx, "42", User{ID: "42", Name: "Ada"}); err != nil {
+		panic(err)
+	}
+	waitForMessages(1)
+	u, _ := b.Get(ctx, "42") // from Redis; b keeps it in L1
+	fmt.Println("b reads:", u.Name)
+	u, _ = b.Get(ctx, "42") // from b's L1
+	fmt.Println("b reads:", u.Name)
+
+	if err := a.Set(ctx, "42", User{ID: "42", Name: "Grace"}); err != nil {
+		panic(err)
+	}
+	waitForMessages(2)
+	u, _ = b.Get(ctx, "42") // the message replaced (or dropped) b's old copy
+	fmt.Println("b reads:", u.Name)
+	fmt.Println("invalidations b received:", b.Stats().InvalidationsReceived)
+	// Output:
+	// b reads: Ada
+	// b reads: Ada
+	// b reads: Grace
+	// invalidations b received: 2
+}
+
+// Stats returns monotonic counters: export them as counters (the modules
+// extra/tieredprom and extra/tieredotel do it for Prometheus and
+// OpenTelemetry).
+func ExampleCache_Stats() {
+	mr, err := miniredis.Run()
+	if err != nil {
+		panic(err)
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+
+	users, err := tiered.New[User](tiered.Options{Redis: rdb, Namespace: "users:v1"})
+	if err != nil {
+		panic(err)
+	}
+	defer users.Close()
+	ctx := context.Background()
+	readyCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := users.WaitReady(readyCtx); err != nil {
+		panic(err)
+	}
+
+	loadUser := func(ctx context.Context, id string) (User, error) {
+		if id != "42" {
+			return User{}, tiered.ErrNotFound
+		}
+		return User{ID: id, Name: "Ada"}, nil
+	}
+	for range 3 {
+		_, _ = users.GetOrLoad(ctx, "42", loadUser) // a load, then two L1 hits
+	}
+	_, _ = users.GetOrLoad(ctx, "7", loadUser) // a load that finds nothing
+	_, _ = users.Get(ctx, "8")                 // in neither tier
+
+	s := users.Stats()
+	fmt.Println("local_hits_total", s.LocalHits)
+	fmt.Println("local_misses_total", s.LocalMisses)
+	fmt.Println("remote_hits_total", s.RemoteHits)
+	fmt.Println("remote_misses_total", s.RemoteMisses)
+	fmt.Println("loads_total", s.Loads)
+	fmt.Println("remote_errors_total", s.RemoteErrors)
+	// Output:
+	// local_hits_total 2
+	// local_misses_total 3
+	// remote_hits_total 0
+	// remote_misses_total 3
+	// loads_total 2
+	// remote_errors_total 0
+}
+
+// GobCodec stores values in Redis as encoding/gob. Any encoding plugs in
+// the same way, msgpack or protobuf say: two methods, safe for concurrent
+// use. Every instance of a Namespace must use the same Codec.
+type GobCodec struct{}
+
+func (GobCodec) Marshal(v any) ([]byte, error) {
+	var b bytes.Buffer
+	if err := gob.NewEncoder(&b).Encode(v); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+func (GobCodec) Unmarshal(data []byte, v any) error {
+	return gob.NewDecoder(bytes.NewReader(data)).Decode(v)
+}
+
+func ExampleCodec() {
+	mr, err := miniredis.Run()
+	if err != nil {
+		panic(err)
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+
+	users, err := tiered.New[User](tiered.Options{
+		Redis:     rdb,
+		Namespace: "users:v1",
+		Codec:     GobCodec{}, // default: tiered.JSONCodec
+	})
+	if err != nil {
+		panic(err)
+	}
+	defer users.Close()
+	ctx := context.Background()
+
+	if err := users.Set(ctx, "42", User{ID: "42", Name: "Ada"}); err != nil {
+		panic(err)
+	}
+	// Another instance, with its own client and an empty L1, decodes the
+	// value it reads from Redis with the same Codec.
+	rdb2 := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb2.Close()
+	other, err := tiered.New[User](tiered.Options{Redis: rdb2, Namespace: "users:v1", Codec: GobCodec{}})
+	if err != nil {
+		panic(err)
+	}
+	defer other.Close()
+	u, err := other.Get(ctx, "42")
+	fmt.Println(u.Name, err)
+	// Output:
+	// Ada <nil>
+}
+
 // Per-key L1 TTLs: Options.LocalTTLFunc picks the L1 TTL by key (here by
 // prefix), WithLocalTTL overrides it for one call, and Options.LocalTTL
 // applies to everything else. An L1 entry never outlives its Redis entry.
 func ExampleWithLocalTTL() {
-	rdb, stop := exampleRedis()
-	defer stop()
+	mr, err := miniredis.Run()
+	if err != nil {
+		panic(err)
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+
 	cache, err := tiered.New[string](tiered.Options{
 		Redis:     rdb,
 		Namespace: "config:v1",
@@ -158,6 +405,11 @@ func ExampleWithLocalTTL() {
 	}
 	defer cache.Close()
 	ctx := context.Background()
+	readyCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := cache.WaitReady(readyCtx); err != nil {
+		panic(err)
+	}
 
 	_ = cache.Set(ctx, "flag:dark-mode", "on")                                        // L1 TTL 5s (LocalTTLFunc)
 	_ = cache.Set(ctx, "flag:beta", "off", tiered.WithLocalTTL(time.Second))          // L1 TTL 1s (per call)
