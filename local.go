@@ -336,12 +336,6 @@ func (l *local[V]) held(h, check uint64) (servable *entry[V], held bool) {
 	return nil, held
 }
 
-// servable returns the entry L1 would serve for the key with hashes h and
-// check, or nil.
-func (l *local[V]) servable(h, check uint64) *entry[V] {
-	e, _ := l.held(h, check)
-	return e
-}
 
 // handDue hands the pending fills to ristretto if they are due. The clock
 // calls it after every tick, so that a batch is mostly handed over (and
