@@ -336,7 +336,6 @@ func (l *local[V]) held(h, check uint64) (servable *entry[V], held bool) {
 	return nil, held
 }
 
-
 // handDue hands the pending fills to ristretto if they are due. The clock
 // calls it after every tick, so that a batch is mostly handed over (and
 // ristretto's goroutine woken) by a goroutine that is awake anyway, rather
