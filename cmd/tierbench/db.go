@@ -77,7 +77,7 @@ func (d *db) load(ctx context.Context, key string) (*item, error) {
 			return nil, ctx.Err()
 		}
 	}
-	return &item{Key: key, Version: v, Payload: d.payload, src: fromLoader, madeAt: d.since()}, nil
+	return &item{Key: key, Version: v, Payload: d.payload}, nil
 }
 
 // update writes a new version of key i through c, as an application does:
@@ -88,7 +88,7 @@ func (d *db) update(ctx context.Context, c *tiered.Cache[*item], keys []string, 
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	v := r.version.Add(1)
-	err := c.Set(ctx, keys[i], &item{Key: keys[i], Version: v, Payload: d.payload, src: fromWriter})
+	err := c.Set(ctx, keys[i], &item{Key: keys[i], Version: v, Payload: d.payload})
 	if err != nil {
 		return err
 	}

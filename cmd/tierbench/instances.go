@@ -48,21 +48,12 @@ func (in *instances) close() {
 // waitReady waits until every instance serves reads from its L1, which it
 // does once its invalidation subscription is confirmed.
 func (in *instances) waitReady(ctx context.Context) error {
-	deadline := time.Now().Add(15 * time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
 	for i, c := range in.caches {
-		key := fmt.Sprintf("ready-%d", i)
-		if err := c.Set(ctx, key, &item{Key: key, Version: 1}); err != nil {
-			return fmt.Errorf("instance %d cannot write to redis: %w", i, err)
+		if err := c.WaitReady(ctx); err != nil {
+			return fmt.Errorf("instance %d does not serve from L1: its invalidation subscription never became healthy: %w", i, err)
 		}
-		for !servesFromL1(ctx, c, key, 1) {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if time.Now().After(deadline) {
-				return fmt.Errorf("instance %d does not serve from L1: its invalidation subscription never became healthy", i)
-			}
-		}
-		_ = c.Delete(ctx, key)
 	}
 	return nil
 }

@@ -48,7 +48,6 @@ func runBench(ctx context.Context, cfg config, progressOut io.Writer) (*results,
 
 	in, err := startInstances(be, cfg.instances, tiered.Options{
 		Namespace:         ns,
-		Codec:             stampCodec{since: since},
 		HeartbeatInterval: heartbeat,
 		LocalTTL:          cfg.localTTL,
 		RemoteTTL:         cfg.remoteTTL,

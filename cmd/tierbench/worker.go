@@ -77,23 +77,18 @@ func (w *worker) run(stop <-chan struct{}) {
 
 func (w *worker) read(ctx context.Context, i int) {
 	start := w.db.since()
-	it, err := w.cache.GetOrLoad(ctx, w.keys[i], w.load)
+	it, src, err := w.cache.GetOrLoadFrom(ctx, w.keys[i], w.load)
 	end := w.db.since()
 	if err != nil {
 		w.errors.Add(1)
 		return
 	}
-	// A value made after this read started was made for it (or for a read
-	// it shared a fill with); anything older, or a writer's own value,
-	// came from L1.
 	k := readL1
-	if it.madeAt > start {
-		switch it.src {
-		case fromRedis:
-			k = readL2
-		case fromLoader:
-			k = readLoader
-		}
+	switch src {
+	case tiered.SourceRemote:
+		k = readL2
+	case tiered.SourceLoader:
+		k = readLoader
 	}
 	w.counts[k].Add(1)
 	w.hist[k].record(end - start)
