@@ -1,0 +1,91 @@
+package tiered
+
+import (
+	"bytes"
+	"encoding/binary"
+	"math"
+	"testing"
+)
+
+// The seed corpora under testdata/fuzz run as ordinary tests; to fuzz:
+//
+//	go test -run '^$' -fuzz FuzzDecodeEnvelope -fuzztime 60s .
+//	go test -run '^$' -fuzz FuzzDecodeInvalidation -fuzztime 60s .
+
+// decodeEnvelope reads what Redis holds under our keys, which anyone with
+// access to Redis can write: it must never panic, and what it accepts must
+// be exactly what encodeEnvelope (plus the version a script stamps) writes.
+func FuzzDecodeEnvelope(f *testing.F) {
+	f.Add(encodeEnvelope(kindValue, 1_700_000_000_000_000_000, []byte(`{"ID":"42"}`)))
+	f.Add(encodeEnvelope(kindNotFound, 1_700_000_000_000_000_000, nil))
+	f.Add(encodeEnvelope(kindLease, 1_700_000_000_000_000_000, make([]byte, leaseTokenBytes)))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		orig := bytes.Clone(b)
+		e, err := decodeEnvelope(b)
+		if !bytes.Equal(b, orig) {
+			t.Fatalf("decodeEnvelope modified its input")
+		}
+		if err != nil {
+			return
+		}
+		switch {
+		case e.kind == kindValue:
+		case e.kind == kindNotFound && len(e.payload) == 0:
+		case e.isLease() && len(e.payload) == leaseTokenBytes:
+		default:
+			t.Fatalf("accepted kind %#x with a payload of %d bytes", e.kind, len(e.payload))
+		}
+		if e.expires < 0 {
+			t.Fatalf("negative expiry %d", e.expires)
+		}
+		re := encodeEnvelope(e.kind, e.expires, e.payload)
+		binary.BigEndian.PutUint64(re[versionAt:], e.version)
+		if ms := binary.BigEndian.Uint64(b[10:]); ms > math.MaxInt64/1_000_000 {
+			// A saturated expiry ("never") does not re-encode as read.
+			if e.expires != math.MaxInt64 {
+				t.Fatalf("expiry %d ms read as %d ns, want saturation", ms, e.expires)
+			}
+			copy(re[10:18], b[10:18])
+		}
+		if !bytes.Equal(re, b) {
+			t.Fatalf("re-encoding does not round-trip:\n in  %x\n out %x", b, re)
+		}
+	})
+}
+
+// decodeInvalidation reads every message on our channel, which anyone can
+// publish to: it must never panic, and what it accepts must be exactly what
+// the scripts publish (messageHead, version, encodeKeys, and for msgValue
+// the new envelope).
+func FuzzDecodeInvalidation(f *testing.F) {
+	head := func(kind byte) []byte { return binary.BigEndian.AppendUint64(messageHead(kind, 1), 2) }
+	f.Add(string(append(head(msgKeys), encodeKeys("a", "bc")...)))
+	f.Add(string(append(append(head(msgValue), encodeKeys("a")...), encodeEnvelope(kindValue, 3_000_000, []byte("v"))...)))
+	f.Fuzz(func(t *testing.T, p string) {
+		m, err := decodeInvalidation(p)
+		if err != nil {
+			return
+		}
+		if len(m.keys) == 0 {
+			t.Fatal("accepted a message naming no key")
+		}
+		switch m.kind {
+		case msgValue:
+			if len(m.keys) != 1 || m.envelope == "" {
+				t.Fatalf("msgValue with %d keys and an envelope of %d bytes", len(m.keys), len(m.envelope))
+			}
+		case msgKeys, msgNotFound:
+			if m.envelope != "" {
+				t.Fatalf("kind %q with an envelope", m.kind)
+			}
+		default:
+			t.Fatalf("accepted kind %#x", m.kind)
+		}
+		re := binary.BigEndian.AppendUint64(messageHead(m.kind, m.origin), m.version)
+		re = append(re, encodeKeys(m.keys...)...)
+		re = append(re, m.envelope...)
+		if string(re) != p {
+			t.Fatalf("re-encoding does not round-trip:\n in  %x\n out %x", p, re)
+		}
+	})
+}
