@@ -11,9 +11,10 @@
 //	go run ./cmd/tierbench -redis 127.0.0.1:6379 -duration 10s -svg latency.svg
 //
 // Progress goes to stderr once a second; the results table (or, with
-// -json, the same results as JSON) to stdout. Ctrl-C stops the run early
-// and prints the results so far (exit status 130). Bad flags exit with
-// status 2.
+// -json, the same results as JSON) to stdout. A chart written with -svg is
+// named on stderr ("tierbench: wrote latency chart to /abs/path.svg") once
+// it is complete. Ctrl-C stops the run early and prints the results so far
+// (exit status 130). Bad flags exit with status 2.
 package main
 
 import (
@@ -24,6 +25,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 )
 
 func main() {
@@ -64,7 +66,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		err = writeTable(stdout, res)
 	}
 	if err == nil && cfg.svg != "" {
-		err = writeSVGFile(cfg.svg, res)
+		err = writeChart(cfg.svg, res, stderr)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "tierbench: %v\n", err)
@@ -74,4 +76,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return 130
 	}
 	return 0
+}
+
+// writeChart writes the latency chart of r to path and says on stderr
+// where it went (as an absolute path: the working directory of a go run
+// is easy to lose track of).
+func writeChart(path string, r *results, stderr io.Writer) error {
+	if err := writeSVGFile(path, r); err != nil {
+		return err
+	}
+	fmt.Fprintf(stderr, "tierbench: wrote latency chart to %s\n", absPath(path))
+	return nil
+}
+
+// absPath returns path made absolute, or path as given if that fails.
+func absPath(path string) string {
+	if abs, err := filepath.Abs(path); err == nil {
+		return abs
+	}
+	return path
 }

@@ -15,11 +15,14 @@ import (
 	"time"
 )
 
-// A short run on the embedded miniredis, as a user would start it.
+// A short run on the embedded miniredis, as a user would start it, with
+// the chart's path given relative to the working directory.
 func TestRunPrintsTableAndChart(t *testing.T) {
-	svg := filepath.Join(t.TempDir(), "latency.svg")
+	dir := t.TempDir()
+	t.Chdir(dir)
+	svg := filepath.Join(dir, "latency.svg")
 	var stdout, stderr bytes.Buffer
-	args := []string{"-duration", "2s", "-keys", "200", "-goroutines", "4", "-writes", "5", "-svg", svg}
+	args := []string{"-duration", "2s", "-keys", "200", "-goroutines", "4", "-writes", "5", "-svg", "latency.svg"}
 	if code := run(context.Background(), args, &stdout, &stderr, noEnv); code != 0 {
 		t.Fatalf("exit %d\nstderr:\n%s", code, stderr.String())
 	}
@@ -32,6 +35,9 @@ func TestRunPrintsTableAndChart(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), "[  1s]") {
 		t.Errorf("no progress line on stderr:\n%s", stderr.String())
+	}
+	if want := "tierbench: wrote latency chart to " + svg + "\n"; !strings.Contains(stderr.String(), want) {
+		t.Errorf("stderr does not say %q:\n%s", want, stderr.String())
 	}
 	f, err := os.Open(svg)
 	if err != nil {
@@ -54,6 +60,33 @@ func TestRunPrintsTableAndChart(t *testing.T) {
 	}
 	if rects < 10 {
 		t.Errorf("chart has %d rects, want a background, a legend and bars", rects)
+	}
+}
+
+// The chart's path is reported only once the chart is complete, as given
+// if it is absolute; a chart that cannot be written is reported as an error
+// and not as written.
+func TestWriteChartSaysWhere(t *testing.T) {
+	r := &results{Tiers: []tierResult{{Name: "L1", Count: 3, P50us: 1, P99us: 2, P999us: 3}}}
+	svg := filepath.Join(t.TempDir(), "chart.svg")
+	var stderr bytes.Buffer
+	if err := writeChart(svg, r, &stderr); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := stderr.String(), "tierbench: wrote latency chart to "+svg+"\n"; got != want {
+		t.Errorf("stderr %q, want %q", got, want)
+	}
+	if _, err := os.Stat(svg); err != nil {
+		t.Error(err)
+	}
+
+	stderr.Reset()
+	missing := filepath.Join(t.TempDir(), "no such dir", "chart.svg")
+	if err := writeChart(missing, r, &stderr); err == nil {
+		t.Error("writing into a missing directory succeeded")
+	}
+	if stderr.Len() != 0 {
+		t.Errorf("a failed chart was reported: %q", stderr.String())
 	}
 }
 
