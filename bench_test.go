@@ -603,3 +603,101 @@ func (env *benchEnv) ratio(unit, floor string, inverse bool) func(b *testing.B, 
 		}
 	}
 }
+
+// BenchmarkFleetStampede measures a cold key that a whole fleet reads at
+// once: N instances (each a Cache on a *redis.Client of its own, all on one
+// Namespace), 20 goroutines in each, all call GetOrLoad on one key no tier
+// has, with a loader that takes 2 ms. An iteration is one such key, a fresh
+// one each time; the callers are released together once all are parked.
+//
+//	REDIS_ADDR=127.0.0.1:6379 go test -run '^$' -bench FleetStampede -benchtime=20x
+//
+// Without REDIS_ADDR it runs on an embedded miniredis. Custom metrics:
+//
+//	loads/key  loader calls per cold key, summed over the fleet: 1 when one
+//	           load serves the fleet, up to N when each instance loads on
+//	           its own (its 20 callers share one load either way)
+//	p100-ms    the slowest caller's latency, from the release of the callers
+//	           to its GetOrLoad's return, over every caller of every key
+func BenchmarkFleetStampede(b *testing.B) {
+	for _, n := range []int{1, 5, 20} {
+		b.Run("instances="+strconv.Itoa(n), func(b *testing.B) { benchFleetStampede(b, n) })
+	}
+}
+
+const (
+	fleetCallers   = 20                   // goroutines per instance
+	fleetLoadDelay = 2 * time.Millisecond // the loader's simulated database call
+)
+
+func benchFleetStampede(b *testing.B, instances int) {
+	useReal := os.Getenv("REDIS_ADDR") != ""
+	var first *redis.Client
+	if useReal {
+		first = realRedis(b)
+	} else {
+		_, first = newMiniredis(b)
+	}
+	ns := uniqueNamespace(b)
+	if useReal {
+		b.Cleanup(func() { deleteBenchNamespace(b, first, ns) }) // after the Caches close
+	}
+	caches := make([]*Cache[*benchValue], instances)
+	for i := range caches {
+		rdb := first
+		if i > 0 {
+			rdb = redis.NewClient(&redis.Options{Addr: first.Options().Addr})
+			b.Cleanup(func() { _ = rdb.Close() })
+		}
+		// newTestCache returns once the Cache's subscription is confirmed
+		// and healthy, so every instance is in the fleet when timing starts.
+		caches[i] = newTestCache[*benchValue](b, rdb, Options{Namespace: ns, RemoteTTL: 10 * time.Minute})
+	}
+	var loads atomic.Int64
+	value := newBenchValue(1)
+	load := func(context.Context, string) (*benchValue, error) { // made once: no allocation per call
+		loads.Add(1)
+		time.Sleep(fleetLoadDelay)
+		return value, nil
+	}
+	ctx := context.Background()
+	prefix := fmt.Sprintf("stampede-%08x-", rand.Uint32())
+	took := make([]time.Duration, instances*fleetCallers) // per caller, of the current key
+	var worst time.Duration
+	keys := 0
+	for b.Loop() {
+		key := prefix + strconv.Itoa(keys)
+		keys++
+		var parked, done sync.WaitGroup
+		release := make(chan struct{})
+		var t0 time.Time // written before release is closed, read after
+		for i, c := range caches {
+			for j := range fleetCallers {
+				parked.Add(1)
+				done.Add(1)
+				go func(slot int) {
+					defer done.Done()
+					parked.Done()
+					<-release
+					v, err := c.GetOrLoad(ctx, key, load)
+					took[slot] = time.Since(t0)
+					if err == nil {
+						err = touchValue(v)
+					}
+					if err != nil {
+						b.Error(err)
+					}
+				}(i*fleetCallers + j)
+			}
+		}
+		parked.Wait()
+		t0 = time.Now()
+		close(release)
+		done.Wait()
+		worst = max(worst, slices.Max(took))
+	}
+	if keys > 0 {
+		b.ReportMetric(float64(loads.Load())/float64(keys), "loads/key")
+		b.ReportMetric(float64(worst)/float64(time.Millisecond), "p100-ms")
+	}
+}
