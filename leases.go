@@ -44,8 +44,15 @@ type leaseWaits struct {
 type leaseWait struct {
 	woken    chan struct{} // closed on the wake-up
 	kind     byte          // the message's kind
+	version  uint64        // the message's version
 	envelope string        // the value the message carried, if any
 	ticket   ticket        // taken right after the message was applied to L1
+}
+
+// leaseSeen is what a read saw of another load's lease.
+type leaseSeen struct {
+	left    time.Duration // until it runs out
+	version uint64        // Redis' version of it: messages up to it are older
 }
 
 // add registers a wait for key. It is added before the read that may find
@@ -85,7 +92,7 @@ func (w *leaseWaits) remove(key string, lw *leaseWait) {
 // just applied to L1. The ticket under which a waiter may keep the value
 // is taken now, on the subscriber's goroutine: taken by the waiter when it
 // runs, it could postdate a later message that replaced the value.
-func (w *leaseWaits) wake(key string, kind byte, envelope string, begin func(string) ticket) {
+func (w *leaseWaits) wake(key string, kind byte, version uint64, envelope string, begin func(string) ticket) {
 	if w.n.Load() == 0 {
 		return
 	}
@@ -95,7 +102,7 @@ func (w *leaseWaits) wake(key string, kind byte, envelope string, begin func(str
 		select {
 		case <-lw.woken:
 		default:
-			lw.kind, lw.envelope, lw.ticket = kind, envelope, begin(key)
+			lw.kind, lw.version, lw.envelope, lw.ticket = kind, version, envelope, begin(key)
 			close(lw.woken)
 		}
 	}
@@ -121,7 +128,17 @@ func (c *Cache[V]) readLeased(ctx context.Context, key string, t ticket, localTT
 	for {
 		token := newLeaseToken()
 		lw := c.waits.add(key)
-		v, res, found, left, err := c.fetch(ctx, key, t, localTTL, token)
+		v, res, found, lease, err := c.fetch(ctx, key, t, localTTL, token)
+		if res == fetchFailed {
+			// The script may have run and stored the lease without this
+			// instance learning it: give it up, or everyone would wait
+			// for it to run out.
+			go func() {
+				if c.remote.release(ctx, key, token, messageHead(msgKeys, c.id), encodeKeys(key)) {
+					c.stats.published.Add(1)
+				}
+			}()
+		}
 		if res != fetchLeased {
 			c.waits.remove(key, lw)
 			if res == fetchMiss {
@@ -135,7 +152,7 @@ func (c *Cache[V]) readLeased(ctx context.Context, key string, t ticket, localTT
 		}
 		c.stats.leaseWaits.Add(1)
 		waited = true
-		v, res, err = c.awaitLease(ctx, key, lw, left, localTTL)
+		v, res, err = c.awaitLease(ctx, key, t, lw, lease, localTTL)
 		if res != fetchMiss {
 			return v, res, held{}, nil, err
 		}
@@ -146,21 +163,32 @@ func (c *Cache[V]) readLeased(ctx context.Context, key string, t ticket, localTT
 // awaitLease waits for the message that ends another instance's lease of
 // key, for as long as the lease has left. It returns fetchHit or
 // fetchNotFound with what that message carried, fetchFailed if ctx ended,
-// or fetchMiss: read Redis again (the message carried no value, or the
-// lease ran out).
-func (c *Cache[V]) awaitLease(ctx context.Context, key string, lw *leaseWait, left, localTTL time.Duration) (V, fetchResult, error) {
+// or fetchMiss: read Redis again (the message carried no value, it was
+// older than the lease, the lease ran out, or the subscription had a gap,
+// which may have lost the message). While the subscription is not known
+// healthy since t was taken, it reads again every HeartbeatInterval.
+func (c *Cache[V]) awaitLease(ctx context.Context, key string, t ticket, lw *leaseWait, lease leaseSeen, localTTL time.Duration) (V, fetchResult, error) {
 	defer c.waits.remove(key, lw)
 	var zero V
-	timer := time.NewTimer(left + leaseSlack)
+	wait := lease.left + leaseSlack
+	broken, healthy := c.sub.brokenChan()
+	if !healthy || !c.ready.Load() || c.sub.epoch.Load() != t.epoch {
+		wait, broken = min(wait, c.sub.interval), nil
+	}
+	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	select {
 	case <-lw.woken:
+	case <-broken:
+		return zero, fetchMiss, nil
 	case <-timer.C:
 		return zero, fetchMiss, nil
 	case <-ctx.Done():
 		return zero, fetchFailed, ctx.Err()
 	}
 	switch {
+	case lw.version <= lease.version:
+		return zero, fetchMiss, nil // a message from before the lease: look again
 	case lw.kind == msgNotFound:
 		return zero, fetchNotFound, nil
 	case lw.envelope == "":

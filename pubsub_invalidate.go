@@ -60,6 +60,7 @@ type subscriber struct {
 	gapAt    time.Time     // when the last gap was noticed, or the subscription last rebuilt
 	resubbed bool          // the private channel's subscription was confirmed since the last gap
 	healed   chan struct{} // closed while healthy; a new one at every gap
+	broken   chan struct{} // closed at the gap that ends a healthy spell; a new one at every heal
 	pingSeq  atomic.Uint64 // last ping sequence number sent
 	pingSent atomic.Int64  // UnixNano of the oldest unanswered ping; 0 if none
 	lastPong atomic.Int64  // UnixNano of the last answer
@@ -154,6 +155,8 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 	s.lastPong.Store(time.Now().UnixNano())
 	s.gapAt = time.Now()
 	s.healed = make(chan struct{})
+	s.broken = make(chan struct{})
+	close(s.broken)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	// Subscribe dials now; if Redis is down the loop keeps redialing.
 	s.ps = client.Subscribe(s.ctx, s.hbChannel)
@@ -219,6 +222,14 @@ func (s *subscriber) remove(channel string, m member) {
 
 func (s *subscriber) healthy() bool { return s.epoch.Load()&1 == 0 }
 
+// brokenChan returns a channel that is closed at the next gap, and whether
+// the subscription is healthy now (if not, the channel is closed already).
+func (s *subscriber) brokenChan() (<-chan struct{}, bool) {
+	s.stateMu.Lock()
+	defer s.stateMu.Unlock()
+	return s.broken, s.epoch.Load()&1 == 0
+}
+
 // healedChan returns a channel that is closed while the subscription is
 // healthy.
 func (s *subscriber) healedChan() <-chan struct{} {
@@ -239,6 +250,7 @@ func (s *subscriber) gap(reason string, err error) bool {
 	}
 	s.gapAt = time.Now()
 	s.healed = make(chan struct{})
+	close(s.broken)
 	s.epoch.Add(1)
 	s.gaps.Add(1)
 	s.log.Warn("tiered: invalidation subscription lost; L1 bypassed until it is back",
@@ -328,6 +340,7 @@ func (s *subscriber) heal(seq uint64) {
 	if s.epoch.Load()&1 == 1 && seq > s.gapSeq && s.resubbed {
 		s.epoch.Add(1)
 		close(s.healed)
+		s.broken = make(chan struct{})
 		s.log.Info("tiered: invalidation subscription healthy")
 	}
 }

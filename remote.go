@@ -113,7 +113,8 @@ return {v, 0}`)
 // one of ours, {0, lease, pttl} if another load holds a lease on it
 // (marked waited, so that the holder's write-back wakes this instance),
 // {2} if the key holds another Redis type, or else takes the lease in
-// ARGV[1] for ARGV[2] ms and returns {1}.
+// ARGV[1] for ARGV[2] ms and returns {1}; also if the key holds that lease
+// already (go-redis retried the script after losing its reply).
 var leaseScript = redis.NewScript(versionLua + `
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'table' then return {2} end
@@ -123,6 +124,7 @@ if not cur then
 end
 local k = string.byte(cur, 2)
 if string.byte(cur, 1) == 2 and (k == 2 or k == 3) then
+  if string.sub(cur, 19) == string.sub(ARGV[1], 19) then return {1} end
   if k == 2 then
     cur = string.sub(cur, 1, 1) .. '\3' .. string.sub(cur, 3)
     redis.call('SET', KEYS[1], cur, 'KEEPTTL')

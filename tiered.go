@@ -412,19 +412,19 @@ const (
 // fetch reads key from Redis and, on a hit, keeps it in L1 under t. With a
 // lease token, it reads for a load (see leases.go): an empty key is then
 // leased to the caller (fetchMiss), and another load's lease is
-// fetchLeased, with the time it has left. If the value is corrupt, it
+// fetchLeased, with what fetch saw of it. If the value is corrupt, it
 // returns how the load may replace it: mode and, for a corrupt string, what
 // Redis held.
 func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL time.Duration, token []byte) (
-	v V, res fetchResult, found held, left time.Duration, err error) {
+	v V, res fetchResult, found held, lease leaseSeen, err error) {
 	var b []byte
 	present := false
 	if token == nil {
 		b, present, err = c.remote.get(ctx, key)
 	} else {
 		var state leaseState
-		lease := encodeEnvelope(kindLease, addSat(c.clock.now(), int64(c.opts.LoadLease)), token)
-		b, state, left, err = c.remote.leased(ctx, key, lease, c.opts.LoadLease)
+		ours := encodeEnvelope(kindLease, addSat(c.clock.now(), int64(c.opts.LoadLease)), token)
+		b, state, lease.left, err = c.remote.leased(ctx, key, ours, c.opts.LoadLease)
 		switch {
 		case err == nil && state == leaseWrongType:
 			err = errWrongType
@@ -435,13 +435,13 @@ func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL tim
 	switch {
 	case errors.Is(err, errWrongType):
 		c.corrupted(key, err)
-		return v, fetchCorrupt, held{mode: fillWrongType}, 0, nil
+		return v, fetchCorrupt, held{mode: fillWrongType}, lease, nil
 	case err != nil:
 		c.remoteFailed(err)
-		return v, fetchFailed, held{}, 0, err
+		return v, fetchFailed, held{}, lease, err
 	case !present:
 		c.stats.remoteMisses.Add(1)
-		return v, fetchMiss, held{}, 0, nil
+		return v, fetchMiss, held{}, lease, nil
 	}
 	env, err := decodeEnvelope(b)
 	if err == nil && env.kind == kindValue {
@@ -450,19 +450,20 @@ func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL tim
 	switch {
 	case err != nil:
 		c.corrupted(key, err)
-		return v, fetchCorrupt, held{mode: fillSame, value: b}, 0, nil
+		return v, fetchCorrupt, held{mode: fillSame, value: b}, lease, nil
 	case env.isLease() && token != nil:
-		return v, fetchLeased, held{}, left, nil
+		lease.version = env.version
+		return v, fetchLeased, held{}, lease, nil
 	case env.isLease():
 		c.stats.remoteMisses.Add(1) // another instance is loading it
-		return v, fetchMiss, held{}, 0, nil
+		return v, fetchMiss, held{}, lease, nil
 	}
 	c.stats.remoteHits.Add(1)
 	c.keep(key, t, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false, false)
 	if env.kind == kindNotFound {
-		return v, fetchNotFound, held{}, 0, nil
+		return v, fetchNotFound, held{}, lease, nil
 	}
-	return v, fetchHit, held{}, 0, nil
+	return v, fetchHit, held{}, lease, nil
 }
 
 // held is what a read found in Redis that a load may replace.
@@ -678,7 +679,7 @@ func (c *Cache[V]) invalidated(payload string) {
 		}
 	}
 	for _, k := range m.keys {
-		c.waits.wake(k, m.kind, m.envelope, c.local.begin)
+		c.waits.wake(k, m.kind, m.version, m.envelope, c.local.begin)
 	}
 	if m.origin == c.id {
 		return
