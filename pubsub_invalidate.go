@@ -565,7 +565,10 @@ func decodeInvalidation(p string) (m invalidation, err error) {
 	m.version = binary.BigEndian.Uint64([]byte(p[9:17]))
 	for rest := p[msgHeader:]; len(rest) > 0; {
 		n, w := binary.Uvarint([]byte(rest[:min(len(rest), binary.MaxVarintLen64)]))
-		if w <= 0 || n > uint64(len(rest)-w) {
+		var minimal [binary.MaxVarintLen64]byte
+		if w <= 0 || n > uint64(len(rest)-w) || binary.PutUvarint(minimal[:], n) != w {
+			// Not what encodeKeys writes (a length in an overlong varint
+			// is one too): a message from someone else.
 			return m, errBadInvalidation
 		}
 		m.keys = append(m.keys, rest[w:w+int(n)])
