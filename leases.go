@@ -55,8 +55,8 @@ type leaseSeen struct {
 	version uint64        // Redis' version of it: messages up to it are older
 }
 
-// add registers a wait for key. It is added before the read that may find
-// the lease, so that no message published after the read can be missed.
+// add registers a wait for key. It is added before a read that may find
+// the lease, so that no message published after that read can be missed.
 func (w *leaseWaits) add(key string) *leaseWait {
 	lw := &leaseWait{woken: make(chan struct{})}
 	w.mu.Lock()
@@ -123,11 +123,16 @@ const leaseSlack = 5 * time.Millisecond
 // fetch found, or, if another instance holds the key's lease, what that
 // instance's load wrote, waiting for it. It returns the lease token it was
 // granted, if any (then res is fetchMiss).
+//
+// A wait is registered only once a read found another's lease, and then
+// the key is read again before waiting: a wake-up published between the
+// first read and the registration is not missed, and reads that find no
+// lease, nearly all, cost no registration.
 func (c *Cache[V]) readLeased(ctx context.Context, key string, t ticket, localTTL time.Duration) (V, fetchResult, held, []byte, error) {
 	waited := false
+	var lw *leaseWait
 	for {
 		token := newLeaseToken()
-		lw := c.waits.add(key)
 		v, res, found, lease, err := c.fetch(ctx, key, t, localTTL, token)
 		if res == fetchFailed {
 			// The script may have run and stored the lease without this
@@ -140,7 +145,9 @@ func (c *Cache[V]) readLeased(ctx context.Context, key string, t ticket, localTT
 			}()
 		}
 		if res != fetchLeased {
-			c.waits.remove(key, lw)
+			if lw != nil {
+				c.waits.remove(key, lw)
+			}
 			if res == fetchMiss {
 				c.stats.leasesGranted.Add(1)
 				if waited {
@@ -150,9 +157,14 @@ func (c *Cache[V]) readLeased(ctx context.Context, key string, t ticket, localTT
 			}
 			return v, res, found, nil, err
 		}
+		if lw == nil {
+			lw = c.waits.add(key)
+			continue
+		}
 		c.stats.leaseWaits.Add(1)
 		waited = true
 		v, res, err = c.awaitLease(ctx, key, t, lw, lease, localTTL)
+		lw = nil // awaitLease removed it
 		if res != fetchMiss {
 			return v, res, held{}, nil, err
 		}
