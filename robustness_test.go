@@ -405,3 +405,22 @@ func TestWaitReadyEndsWithItsContext(t *testing.T) {
 		t.Errorf("WaitReady with Redis down = %v; want context.DeadlineExceeded", err)
 	}
 }
+
+// A message whose "value" is a lease envelope (no script of ours sends one)
+// drops the key instead of serving an empty value.
+func TestALeaseCarriedAsAMessageValueIsNotServed(t *testing.T) {
+	ctx := context.Background()
+	cs := newInstances[string](t, 2, miniredisDialer(t), Options{})
+	a, b := cs[0], cs[1]
+	if err := a.Set(ctx, "k", "real"); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 1)
+	mustHoldInL1(t, b, "k", "real")
+	lease := encodeEnvelope(kindLease, time.Now().Add(time.Hour).UnixNano(), newLeaseToken())
+	if err := a.remote.client.Publish(ctx, a.remote.channel, encodeValueMessage(999, 1<<60, "k", lease)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	awaitReceived(t, b, 2)
+	mustGet(t, b, "k", "real") // from Redis
+}

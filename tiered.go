@@ -700,8 +700,11 @@ func (c *Cache[V]) messageEntry(key, envelope string) *entry[V] {
 	}
 	env, err := decodeEnvelope([]byte(envelope))
 	var v V
-	if err == nil && env.kind == kindValue {
+	switch {
+	case err == nil && env.kind == kindValue:
 		v, err = c.codec.decode(env.payload)
+	case err == nil && env.isLease():
+		err = errCorrupt // our scripts never send one: not ours
 	}
 	if err != nil {
 		c.stats.corrupt.Add(1)
