@@ -80,5 +80,5 @@
 // All instances that share a Namespace must run the same version of this
 // package until v1: the envelope and message formats may change between
 // versions (a value in an older format reads as a miss). Deploy a new
-// version under a new Namespace.
+// version under a new Namespace. Redis must be 6.0 or later.
 package tiered

@@ -20,7 +20,7 @@ import (
 // Carrying the expiry inside the value lets an instance that fills L1 from
 // L2 cap the L1 entry at the L2 entry's remaining lifetime without a PTTL
 // round trip; carrying the version lets L1 keep the newer of two values of
-// a key (see local.store). The format byte lets a later version change the
+// a key (see local.settle). The format byte lets a later version change the
 // layout, and makes most foreign values (written under our key by someone
 // else) fail to parse instead of decoding into garbage. Format 1 (no
 // version) is read as a foreign value: a miss, replaced by the next load.

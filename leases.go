@@ -214,7 +214,7 @@ func (c *Cache[V]) awaitLease(ctx context.Context, key string, t ticket, lw *lea
 	if err != nil || env.isLease() {
 		return zero, fetchMiss, nil
 	}
-	c.keep(key, lw.ticket, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false, false)
+	c.keep(key, lw.ticket, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false)
 	if env.kind == kindNotFound {
 		return zero, fetchNotFound, nil
 	}

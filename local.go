@@ -182,12 +182,12 @@ func (l *local[V]) begin(key string) ticket {
 	return ticket{hash: h, check: l.check(key), gen: l.gen(h).Load(), epoch: ep}
 }
 
-// set stores e, filled under ticket t, for its key. If wait (an own write,
-// or a value loaded while Redis failed), it hands e to ristretto and waits
-// until ristretto has applied it, so that it outlives the fill buffer
-// (unless ristretto's admission policy rejected it, which it does only
-// when L1 is full). Otherwise e goes to the fill buffer, where the next get
-// already finds it.
+// set stores e, filled under ticket t, for its key. If wait (a value
+// loaded while Redis failed), it hands e to ristretto and waits until
+// ristretto has applied it, so that it outlives the fill buffer (unless
+// ristretto's admission policy rejected it, which it does only when L1 is
+// full). Otherwise e goes to the fill buffer, where the next get already
+// finds it.
 func (l *local[V]) set(t ticket, e *entry[V], wait bool) {
 	e.check, e.gen, e.epoch = t.check, t.gen, t.epoch
 	if !wait {

@@ -95,8 +95,9 @@ type Options struct {
 	// instances share a Namespace and writes are frequent. Default 4 KiB,
 	// except on a *redis.ClusterClient, where the default is to send no
 	// values: while a slot migrates, messages about one key come from two
-	// masters over different links and can arrive out of order, which is
-	// harmless for invalidations but not for values. Negative sends none.
+	// masters over different links and can arrive out of order. Versions
+	// make L1 keep the newer value then, but that is not yet measured on a
+	// cluster. Negative sends none.
 	PublishValueMaxBytes int
 
 	// WaitReplicas, if positive, makes Set and Delete wait until that many

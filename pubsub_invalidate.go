@@ -21,9 +21,9 @@ import (
 // Invalidation works like this. Set and Delete publish, in the same script
 // that writes Redis, a message naming the keys on "tiered:inv:<namespace>".
 // Every process holds one subscription per Redis client (the subscriber),
-// shared by all its Caches on that client; on a message it bumps the
-// generation of each named key in the Caches of that namespace, other than
-// the one that sent it, so their L1 entries stop being served.
+// shared by all its Caches on that client; it hands every message to the
+// Caches of that namespace, the sender included, which apply it to L1 by
+// the write's version (local.heard).
 //
 // A subscription can lose messages without saying so: go-redis reconnects
 // and resubscribes by itself, a stalled TCP connection delivers nothing
@@ -56,7 +56,7 @@ type subscriber struct {
 
 	epoch    atomic.Uint64 // odd while unhealthy; read by every L1 hit
 	stateMu  sync.Mutex    // serializes gap and heal
-	gapSeq   uint64        // pings up to this one were sent before the last gap
+	gapSeq   uint64        // pings up to this one were sent before the last call of gap
 	gapAt    time.Time     // when the last gap was noticed, or the subscription last rebuilt
 	resubbed bool          // the private channel's subscription was confirmed since the last gap
 	healed   chan struct{} // closed while healthy; a new one at every gap

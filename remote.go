@@ -77,7 +77,8 @@ return v`)
 // ("same", ARGV[4]), a value of another Redis type ("type", deleted
 // first), or the load's own lease ("lease", its token in ARGV[4]). A Set or
 // Delete while the load ran is newer than the loaded value and wins: it
-// replaced or removed what the load found, lease included. If another
+// replaced or removed what the load found, lease included (only "absent",
+// used with leases off, cannot tell a Delete from nothing). If another
 // instance waits for the lease, the script publishes the value's
 // invalidation, made like writeScript's from ARGV[5-8], to wake it. It
 // returns {version, 1 if it published}, or nil if it stored nothing.
@@ -95,7 +96,7 @@ elseif cur then
   elseif not (ARGV[3] == 'same' and cur == ARGV[4]) then
     return false
   end
-elseif ARGV[3] == 'lease' then
+elseif ARGV[3] ~= 'absent' then
   return false
 end
 local v = be64(next_version(KEYS[1]))
@@ -124,12 +125,18 @@ if not cur then
 end
 local k = string.byte(cur, 2)
 if string.byte(cur, 1) == 2 and (k == 2 or k == 3) then
+  local pttl = redis.call('PTTL', KEYS[1])
   if string.sub(cur, 19) == string.sub(ARGV[1], 19) then return {1} end
+  if pttl < 0 then
+    -- Our leases always expire: this one is not ours. Take it.
+    redis.call('SET', KEYS[1], stamp(ARGV[1], be64(next_version(KEYS[1]))), 'PX', ARGV[2])
+    return {1}
+  end
   if k == 2 then
     cur = string.sub(cur, 1, 1) .. '\3' .. string.sub(cur, 3)
     redis.call('SET', KEYS[1], cur, 'KEEPTTL')
   end
-  return {0, cur, redis.call('PTTL', KEYS[1])}
+  return {0, cur, pttl}
 end
 return {0, cur}`)
 
@@ -248,10 +255,12 @@ var fillModes = [...]string{fillAbsent: "absent", fillSame: "same", fillWrongTyp
 // found (mode; held is the corrupt value for fillSame, the lease token for
 // fillLease). A value written by Set or a Delete while the load ran is
 // newer than the loaded one and must win. It returns the version Redis gave
-// the value, or stored false. Nobody can hold the key in L1 while Redis has
-// no value for it, so the invalidation, made of head and tail around the
-// version (with env if withValue), is published only to wake instances
-// that wait for the lease; published says whether it was.
+// the value, or stored false. No other instance serves the key from L1
+// while Redis has no value for it (but values it loaded during an outage,
+// which live no longer than its breaker stays open), so the invalidation,
+// made of head and tail around the version (with env if withValue), is
+// published only to wake instances that wait for the lease; published says
+// whether it was.
 func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Duration, mode fillMode, held []byte,
 	head, tail []byte, withValue bool) (version uint64, stored, published bool, err error) {
 	if err := r.breaker.allow(); err != nil {

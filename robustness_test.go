@@ -424,3 +424,82 @@ func TestALeaseCarriedAsAMessageValueIsNotServed(t *testing.T) {
 	awaitReceived(t, b, 2)
 	mustGet(t, b, "k", "real") // from Redis
 }
+
+// A value loaded while Redis fails lives no longer than the breaker stays
+// open: no invalidation can reach it, and the success that would drop it
+// may never come if every read is an L1 hit.
+func TestAValueLoadedInAnOutageLivesNoLongerThanTheBreakerIsOpen(t *testing.T) {
+	ctx := context.Background()
+	mr, rdb := coreOutageMiniredis(t)
+	c := newTestCache[string](t, rdb, Options{})
+	mr.Close()
+	waitUntil(t, invWait, "the outage to be noticed", func() bool { return !c.sub.healthy() })
+	if v, err := c.GetOrLoad(ctx, "k", func(context.Context, string) (string, error) { return "v", nil }); err != nil || v != "v" {
+		t.Fatalf("GetOrLoad in an outage = %q, %v", v, err)
+	}
+	e, ok := c.local.get("k")
+	if !ok {
+		t.Fatal("the loaded value is not in L1")
+	}
+	if until := c.remote.breaker.openUntil.Load(); until == 0 || e.expires > until {
+		t.Errorf("the value expires at %d, after the breaker closes at %d", e.expires, until)
+	}
+}
+
+// A load that replaces a foreign value does not write back if the key was
+// deleted meanwhile: the Delete wins.
+func TestADeleteDuringALoadThatReplacesAForeignValueWins(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMiniredis(t)
+	c := newTestCache[string](t, rdb, Options{})
+	if err := rdb.HSet(ctx, c.remote.key("k"), "f", "x").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.GetOrLoad(ctx, "k", func(ctx context.Context, _ string) (string, error) {
+		if err := c.Delete(ctx, "k"); err != nil {
+			t.Error(err)
+		}
+		return "old row", nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n := rdb.Exists(ctx, c.remote.key("k")).Val(); n != 0 {
+		t.Errorf("Redis holds the key after a Delete during its load")
+	}
+}
+
+// Something that looks like a lease but never expires (no script of ours
+// writes one) does not make GetOrLoad wait: it takes the key over.
+func TestALeaseWithoutATTLIsTakenOver(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMiniredis(t)
+	c := newTestCache[string](t, rdb, Options{})
+	lease := encodeEnvelope(kindLease, time.Now().Add(time.Hour).UnixNano(), newLeaseToken())
+	if err := rdb.Set(ctx, c.remote.key("k"), lease, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, invWait) // a failure bound
+	defer cancel()
+	v, err := c.GetOrLoad(ctx, "k", func(context.Context, string) (string, error) { return "loaded", nil })
+	if err != nil || v != "loaded" {
+		t.Errorf("GetOrLoad = %q, %v; want the loader's value", v, err)
+	}
+}
+
+// Close ends a WaitReady in progress with ErrClosed.
+func TestCloseEndsWaitReady(t *testing.T) {
+	mr, rdb := coreOutageMiniredis(t)
+	mr.Close()
+	c, err := New[string](Options{Redis: rdb, Namespace: uniqueNamespace(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), invWait) // a failure bound
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- c.WaitReady(ctx) }()
+	_ = c.Close()
+	if err := <-done; !errors.Is(err, ErrClosed) {
+		t.Errorf("WaitReady across Close = %v; want ErrClosed", err)
+	}
+}

@@ -27,6 +27,7 @@ type Cache[V any] struct {
 
 	ready   atomic.Bool   // our channel's subscription is confirmed
 	readyCh chan struct{} // closed when ready is set
+	closeCh chan struct{} // closed by Close
 	closed  atomic.Bool
 
 	remoteLog, corruptLog, encodeLog, panicLog burstLog
@@ -46,6 +47,7 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 	}
 	c := &Cache[V]{
 		readyCh: make(chan struct{}),
+		closeCh: make(chan struct{}),
 		opts:    opts,
 		id:      rand.Uint64(),
 		clock:   clk,
@@ -205,7 +207,8 @@ func (c *Cache[V]) loadMiss(ctx context.Context, key string,
 }
 
 // Set stores v under key in Redis and in this instance's L1, and tells every
-// other instance to drop key from its L1. When Set returns nil, a Get on
+// other instance to drop key from its L1 (or, for a small value, to replace
+// it with v). When Set returns nil, a Get on
 // this instance returns v (from L1, unless its admission policy rejected
 // it, which happens only when L1 is full, or a newer write of key reached
 // this instance first) and other instances drop their old value as soon as
@@ -301,11 +304,13 @@ func (c *Cache[V]) WaitReady(ctx context.Context) error {
 		}
 		select {
 		case <-c.readyCh:
+		case <-c.closeCh:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 		select {
 		case <-c.sub.healedChan():
+		case <-c.closeCh:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
@@ -359,6 +364,7 @@ func (c *Cache[V]) Close() error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return nil
 	}
+	close(c.closeCh)
 	c.sub.remove(c.remote.channel, c)
 	c.sub.release()
 	c.local.close()
@@ -459,7 +465,7 @@ func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL tim
 		return v, fetchMiss, held{}, lease, nil
 	}
 	c.stats.remoteHits.Add(1)
-	c.keep(key, t, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false, false)
+	c.keep(key, t, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false)
 	if env.kind == kindNotFound {
 		return v, fetchNotFound, held{}, lease, nil
 	}
@@ -495,9 +501,9 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 				c.stats.published.Add(1)
 			}
 		}
-		timedOut := context.AfterFunc(ctx, func() { release(msgKeys) })
+		stopRelease := context.AfterFunc(ctx, func() { release(msgKeys) })
 		defer func() {
-			if timedOut() && !settled {
+			if stopRelease() && !settled {
 				kind := byte(msgKeys)
 				if errors.Is(err, ErrNotFound) {
 					kind = msgNotFound
@@ -555,6 +561,10 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 			c.stats.published.Add(1)
 		}
 		switch {
+		case err != nil && ctx.Err() != nil:
+			// Past LoadTimeout: the flight has ended, and its lease may be
+			// released already. Cached nowhere.
+			return v, nil
 		case err != nil:
 			c.remoteFailed(err)
 			outage = true
@@ -568,7 +578,7 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 	if stored || outage {
 		// In an outage L1 is all there is: wait until it has the value, or
 		// the next caller finds neither tier and loads again.
-		c.keep(key, t, v, notFound, len(b), localTTL, expires, version, outage, outage)
+		c.keep(key, t, v, notFound, len(b), localTTL, expires, version, outage)
 	}
 	if notFound {
 		return v, ErrNotFound
@@ -578,16 +588,23 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 
 // keep stores v in L1 under ticket t for at most ttl and never past
 // remoteExpires. outage says that Redis could not be reached during the
-// fill; such a value is kept even while the subscription is unhealthy (the
-// subscription's epoch is then odd, and the value is dropped when it heals).
-// If wait, keep returns once a Get would see the value.
+// fill: L1 is then all there is, so keep waits until a Get would see the
+// value (or the next caller finds neither tier and loads again), keeps it
+// even while the subscription is unhealthy (the subscription's epoch is
+// then odd, and the value is dropped when it heals), and for no longer than
+// the breaker stays open: no invalidation can reach such a value, and the
+// first success after the outage, which flushes it, may never come if every
+// read is an L1 hit.
 func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl time.Duration,
-	remoteExpires int64, version uint64, outage, wait bool) {
+	remoteExpires int64, version uint64, outage bool) {
 	if !outage && !(t.healthy() && c.ready.Load()) {
 		return
 	}
+	if outage {
+		remoteExpires = min(remoteExpires, c.remote.breaker.openUntil.Load())
+	}
 	if e := c.entry(key, v, notFound, size, ttl, remoteExpires, version); e != nil {
-		c.local.set(t, e, wait)
+		c.local.set(t, e, outage)
 	}
 }
 
