@@ -347,18 +347,24 @@ func (l *local[V]) handDue() {
 }
 
 // hand gives a batch of fills to ristretto. Fills that are no longer
-// servable are left out.
+// servable are left out. Each is checked and handed over under its key's
+// lock: settle, which bumps the generation and stores a newer value, must
+// not come between the check and the Set, or the stale fill would replace
+// the newer value in ristretto (a miss where the write promised a hit).
 func (l *local[V]) hand(batch map[uint64]*entry[V]) {
-	epoch := l.epoch.Load()
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	if l.closed {
-		return
-	}
 	for h, e := range batch {
-		if e.gen == l.gen(h).Load() && e.epoch == epoch {
-			l.store.Set(h, e, e.cost)
-		}
+		l.handOne(h, e)
+	}
+}
+
+func (l *local[V]) handOne(h uint64, e *entry[V]) {
+	mu := l.lock(h)
+	mu.Lock()
+	defer mu.Unlock()
+	l.mu.RLock() // after the key's lock, as in settle
+	defer l.mu.RUnlock()
+	if !l.closed && e.gen == l.gen(h).Load() && e.epoch == l.epoch.Load() {
+		l.store.Set(h, e, e.cost)
 	}
 }
 

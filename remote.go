@@ -338,12 +338,14 @@ func (r *remote) release(ctx context.Context, key string, token, head, tail []by
 
 // del deletes keys and publishes, per script call, an invalidation made of
 // head, the version and the keys of that call; it returns the number of
-// calls and the highest version. On a cluster the keys are grouped by slot
-// (a script may only touch one slot) and the groups pipelined.
-func (r *remote) del(ctx context.Context, keys []string, head []byte) (int, uint64, error) {
+// calls, and on success calls deleted with each call's keys and version.
+// On a cluster the keys are grouped by slot (a script may only touch one
+// slot) and the groups pipelined.
+func (r *remote) del(ctx context.Context, keys []string, head []byte, deleted func(keys []string, version uint64)) (int, error) {
 	if err := r.breaker.allow(); err != nil {
-		return 0, 0, err
+		return 0, err
 	}
+	var names [][]string // the keys of each call, without prefix
 	var groups [][]string
 	if _, ok := r.client.(*redis.ClusterClient); ok {
 		groups = groupBySlot(r.prefix, keys)
@@ -359,6 +361,7 @@ func (r *remote) del(ctx context.Context, keys []string, head []byte) (int, uint
 				n++
 			}
 			calls = append(calls, &scriptCall{deleteScript, r.keys(g[:n]), []any{r.channel, head, encodeKeys(g[:n]...)}, nil})
+			names = append(names, g[:n])
 			g = g[n:]
 		}
 	}
@@ -385,17 +388,16 @@ func (r *remote) del(ctx context.Context, keys []string, head []byte) (int, uint
 		err = r.check(ctx, err)
 	}
 	if err != nil {
-		return len(calls), 0, err
+		return len(calls), err
 	}
-	var version uint64
-	for _, c := range calls {
+	for i, c := range calls {
 		v, err := parseVersion(c.res)
 		if err != nil {
-			return len(calls), 0, err
+			return len(calls), err
 		}
-		version = max(version, v)
+		deleted(names[i], v)
 	}
-	return len(calls), version, nil
+	return len(calls), nil
 }
 
 // scriptCall is one script run: its keys share a slot.

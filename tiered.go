@@ -274,18 +274,19 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 	for _, k := range keys {
 		c.local.invalidate(k)
 	}
-	sent, version, err := c.remote.del(ctx, keys, messageHead(msgKeys, c.id))
+	// Applied here as its message will be: an older Set of this instance
+	// that ends after the Delete must not store its value.
+	sent, err := c.remote.del(ctx, keys, messageHead(msgKeys, c.id), func(ks []string, version uint64) {
+		for _, k := range ks {
+			c.local.heard(k, version, nil)
+		}
+	})
 	if err != nil {
 		for _, k := range keys {
 			c.local.invalidate(k)
 		}
 		c.remoteFailed(err)
 		return err
-	}
-	// Applied here as its message will be: an older Set of this instance
-	// that ends after the Delete must not store its value.
-	for _, k := range keys {
-		c.local.heard(k, version, nil)
 	}
 	c.stats.published.Add(uint64(sent))
 	return nil
