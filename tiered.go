@@ -593,16 +593,18 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 // value (or the next caller finds neither tier and loads again), keeps it
 // even while the subscription is unhealthy (the subscription's epoch is
 // then odd, and the value is dropped when it heals), and for no longer than
-// the breaker stays open: no invalidation can reach such a value, and the
-// first success after the outage, which flushes it, may never come if every
-// read is an L1 hit.
+// the breaker stays open nor than 4 × HeartbeatInterval, the bound for a
+// dead subscription: no invalidation can reach such a value, and the first
+// success after the outage, which flushes it, may never come if every read
+// is an L1 hit.
 func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl time.Duration,
 	remoteExpires int64, version uint64, outage bool) {
 	if !outage && !(t.healthy() && c.ready.Load()) {
 		return
 	}
 	if outage {
-		remoteExpires = min(remoteExpires, c.remote.breaker.openUntil.Load())
+		remoteExpires = min(remoteExpires, c.remote.breaker.openUntil.Load(),
+			addSat(c.clock.now(), int64(4*c.sub.interval)))
 	}
 	if e := c.entry(key, v, notFound, size, ttl, remoteExpires, version); e != nil {
 		c.local.set(t, e, outage)
