@@ -51,7 +51,7 @@ func newTestCacheClock[V any](t testing.TB, rdb redis.UniversalClient, opts Opti
 	if opts.Namespace == "" {
 		opts.Namespace = uniqueNamespace(t)
 	}
-	c, err := newCache[V](opts, clk)
+	c, err := newCache[V](opts, clk, clk.close)
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

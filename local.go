@@ -86,6 +86,7 @@ type local[V any] struct {
 	locks  [storeLocks]sync.Mutex
 	reads  readCounters
 	fills  fillBuffer[V]
+	untick func() // stops the clock's calls of handDue
 
 	// ristretto panics when Set or Del race Close; writers hold mu for
 	// reading and Close takes it for writing.
@@ -121,8 +122,7 @@ func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V
 	// Fills waiting for ristretto are not in its cost: keep them, and the
 	// batch handed over last, to an eighth of it.
 	l.fills.limit = maxBytes / 16
-	handDue := l.handDue
-	clk.onTick.Store(&handDue)
+	l.untick = clk.onTick(l.handDue)
 	return l, nil
 }
 
@@ -341,7 +341,7 @@ func (l *local[V]) held(h, check uint64) (servable *entry[V], held bool) {
 // ristretto's goroutine woken) by a goroutine that is awake anyway, rather
 // than by a caller waiting for its value.
 func (l *local[V]) handDue() {
-	if batch := l.fills.take(l.clock.now()); batch != nil {
+	if batch := l.fills.take(l.clock.last()); batch != nil {
 		l.hand(batch)
 	}
 }
@@ -394,6 +394,7 @@ func (l *local[V]) invalidateAll() {
 }
 
 func (l *local[V]) close() {
+	l.untick()
 	l.closing.Store(true)
 	// A get that did not see closing may be inside ristretto's Get, which
 	// must not race Close; wait until it is out. It is out within

@@ -13,17 +13,18 @@ import (
 // use. Values returned are shared with the cache and other callers: treat
 // them as read-only.
 type Cache[V any] struct {
-	opts   Options
-	id     uint64 // origin id in our invalidation messages
-	local  *local[V]
-	remote remote
-	sub    *subscriber
-	clock  *clock
-	codec  valueCodec[V]
-	reads  flight[V] // Get
-	loads  flight[V] // GetOrLoad
-	stats  counters
-	waits  leaseWaits // GetOrLoad flights waiting for another instance's load
+	opts    Options
+	id      uint64 // origin id in our invalidation messages
+	local   *local[V]
+	remote  remote
+	sub     *subscriber
+	clock   *clock
+	release func() // gives up clock
+	codec   valueCodec[V]
+	reads   flight[V] // Get
+	loads   flight[V] // GetOrLoad
+	stats   counters
+	waits   leaseWaits // GetOrLoad flights waiting for another instance's load
 
 	ready   atomic.Bool   // our channel's subscription is confirmed
 	readyCh chan struct{} // closed when ready is set
@@ -36,13 +37,14 @@ type Cache[V any] struct {
 // New returns a Cache configured by opts. It does not need Redis to be up:
 // until Redis answers, reads fall back to the loader and L1.
 func New[V any](opts Options) (*Cache[V], error) {
-	return newCache[V](opts, newClock())
+	return newCache[V](opts, acquireClock(), releaseClock)
 }
 
-func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
+// newCache returns a Cache on clk, which it gives up with releaseClk.
+func newCache[V any](opts Options, clk *clock, releaseClk func()) (*Cache[V], error) {
 	opts, err := opts.withDefaults()
 	if err != nil {
-		clk.close()
+		releaseClk()
 		return nil, err
 	}
 	c := &Cache[V]{
@@ -51,6 +53,7 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 		opts:    opts,
 		id:      rand.Uint64(),
 		clock:   clk,
+		release: releaseClk,
 		codec:   valueCodec[V]{codec: opts.Codec},
 		remote: remote{
 			client:       opts.Redis,
@@ -73,7 +76,7 @@ func newCache[V any](opts Options, clk *clock) (*Cache[V], error) {
 	c.local, err = newLocal[V](opts.LocalMaxBytes, clk, &c.sub.epoch)
 	if err != nil {
 		c.sub.release()
-		clk.close()
+		releaseClk()
 		return nil, fmt.Errorf("%w: %w", ErrInvalidOption, err)
 	}
 	c.sub.add(c.remote.channel, c)
@@ -369,7 +372,7 @@ func (c *Cache[V]) Close() error {
 	c.sub.remove(c.remote.channel, c)
 	c.sub.release()
 	c.local.close()
-	c.clock.close()
+	c.release()
 	return nil
 }
 
