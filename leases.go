@@ -108,6 +108,15 @@ func (w *leaseWaits) wake(key string, kind byte, version uint64, envelope string
 	}
 }
 
+// releaseLease gives up this instance's lease token on key, waking waiters with
+// a message of kind (msgKeys: take it over; msgNotFound: the key does not
+// exist).
+func (c *Cache[V]) releaseLease(ctx context.Context, key string, token []byte, kind byte) {
+	if c.remote.release(ctx, key, token, messageHead(kind, c.id), encodeKeys(key)) {
+		c.stats.published.Add(1)
+	}
+}
+
 // newLeaseToken returns a random lease token.
 func newLeaseToken() []byte {
 	b := binary.BigEndian.AppendUint64(make([]byte, 0, leaseTokenBytes), rand.Uint64())
@@ -138,11 +147,7 @@ func (c *Cache[V]) readLeased(ctx context.Context, key string, t ticket, localTT
 			// The script may have run and stored the lease without this
 			// instance learning it: give it up, or everyone would wait
 			// for it to run out.
-			go func() {
-				if c.remote.release(ctx, key, token, messageHead(msgKeys, c.id), encodeKeys(key)) {
-					c.stats.published.Add(1)
-				}
-			}()
+			go c.releaseLease(ctx, key, token, msgKeys)
 		}
 		if res != fetchLeased {
 			if lw != nil {
@@ -206,12 +211,8 @@ func (c *Cache[V]) awaitLease(ctx context.Context, key string, t ticket, lw *lea
 	case lw.envelope == "":
 		return zero, fetchMiss, nil
 	}
-	env, err := decodeEnvelope([]byte(lw.envelope))
-	v := zero
-	if err == nil && env.kind == kindValue {
-		v, err = c.codec.decode(env.payload)
-	}
-	if err != nil || env.isLease() {
+	env, v, err := c.decodeCarried(lw.envelope)
+	if err != nil {
 		return zero, fetchMiss, nil
 	}
 	c.keep(key, lw.ticket, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false)

@@ -500,19 +500,14 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 		// A load past LoadTimeout gives up the lease at once, while its
 		// loader may still run: its flight has ended, and another instance
 		// must not wait for the lease to run out.
-		release := func(kind byte) {
-			if c.remote.release(ctx, key, found.value, messageHead(kind, c.id), encodeKeys(key)) {
-				c.stats.published.Add(1)
-			}
-		}
-		stopRelease := context.AfterFunc(ctx, func() { release(msgKeys) })
+		stopRelease := context.AfterFunc(ctx, func() { c.releaseLease(ctx, key, found.value, msgKeys) })
 		defer func() {
 			if stopRelease() && !settled {
 				kind := byte(msgKeys)
 				if errors.Is(err, ErrNotFound) {
 					kind = msgNotFound
 				}
-				release(kind)
+				c.releaseLease(ctx, key, found.value, kind)
 			}
 		}()
 	}
@@ -715,20 +710,27 @@ func (c *Cache[V]) invalidated(payload string) {
 	}
 }
 
-// messageEntry returns the L1 entry of the envelope a message carried for
-// key, or nil if it does not decode (or L1 must not hold it).
-func (c *Cache[V]) messageEntry(key, envelope string) *entry[V] {
-	if !c.ready.Load() {
-		return nil
-	}
+// decodeCarried decodes the envelope a message carried: a value or a
+// remembered not-found (a lease is never sent: not ours).
+func (c *Cache[V]) decodeCarried(envelope string) (envelope, V, error) {
 	env, err := decodeEnvelope([]byte(envelope))
 	var v V
 	switch {
 	case err == nil && env.kind == kindValue:
 		v, err = c.codec.decode(env.payload)
 	case err == nil && env.isLease():
-		err = errCorrupt // our scripts never send one: not ours
+		err = errCorrupt
 	}
+	return env, v, err
+}
+
+// messageEntry returns the L1 entry of the envelope a message carried for
+// key, or nil if it does not decode (or L1 must not hold it).
+func (c *Cache[V]) messageEntry(key, envelope string) *entry[V] {
+	if !c.ready.Load() {
+		return nil
+	}
+	env, v, err := c.decodeCarried(envelope)
 	if err != nil {
 		c.stats.corrupt.Add(1)
 		c.corruptLog.warn("tiered: value in invalidation message does not decode; dropped from L1",
