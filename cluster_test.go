@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"maps"
 	"math/rand/v2"
+	"net"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -37,6 +38,7 @@ const clusterNodeTimeout = 2000 * time.Millisecond
 type testCluster struct {
 	nodes map[string]*redisServer // by address
 	addrs []string
+	bus   map[string]*tcpProxy // by node address: the proxy on the node's announced cluster-bus port
 }
 
 // clusterNodeInfo is one line of CLUSTER NODES.
@@ -61,19 +63,26 @@ func startTestCluster(t *testing.T) *testCluster {
 		skipOrFail(t, "redis-server is not installed: the cluster tests need redis-server and redis-cli (apt-get install redis-server redis-tools)")
 	}
 	start := time.Now()
-	tc := &testCluster{nodes: make(map[string]*redisServer)}
+	tc := &testCluster{nodes: make(map[string]*redisServer), bus: make(map[string]*tcpProxy)}
 	for range 6 {
+		// An explicit bus port: the default (port+10000) may not be free,
+		// or may not even exist for a high ephemeral port. The node
+		// announces a proxy in front of it, so that a test can stall what
+		// the other nodes send it over the bus.
+		busPort := freePort(t)
+		bus := startProxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(busPort)))
+		_, announced, _ := net.SplitHostPort(bus.Addr)
 		s := startRedisServer(t,
 			"--cluster-enabled", "yes",
 			"--cluster-config-file", "nodes.conf",
 			"--cluster-node-timeout", strconv.Itoa(int(clusterNodeTimeout.Milliseconds())),
-			// An explicit bus port: the default (port+10000) may not be free,
-			// or may not even exist for a high ephemeral port.
-			"--cluster-port", strconv.Itoa(freePort(t)),
+			"--cluster-port", strconv.Itoa(busPort),
+			"--cluster-announce-bus-port", announced,
 			// Replicas sync at once instead of after the default 5 s delay.
 			"--repl-diskless-sync-delay", "0",
 		)
 		tc.nodes[s.Addr] = s
+		tc.bus[s.Addr] = bus
 		tc.addrs = append(tc.addrs, s.Addr)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -206,6 +215,7 @@ func TestCluster(t *testing.T) {
 	t.Run("ReadsWritesDeletes", func(t *testing.T) { testClusterReadsWritesDeletes(t, tc) })
 	t.Run("Invalidation", func(t *testing.T) { testClusterInvalidation(t, tc) })
 	t.Run("WaitReplicas", func(t *testing.T) { testClusterWaitReplicas(t, tc) })
+	t.Run("StalledBusLink", func(t *testing.T) { testClusterStalledBus(t, tc) })
 	t.Run("Failover", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{}) })
 	tc.restartStopped(t)
 	t.Run("FailoverLosingWrites", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{stallReplica: true}) })
@@ -1190,4 +1200,77 @@ func TestClusterClientReadingReplicasIsRejected(t *testing.T) {
 		}
 		_ = cc.Close()
 	}
+}
+
+// testClusterStalledBus stalls what the other nodes send, over the cluster
+// bus, to the node that holds a reader's subscription (a proxy on that
+// node's announced bus port holds it; the subscription's own connection and
+// every command connection are untouched). A Set of a key on another master
+// then reaches Redis but its invalidation does not reach the reader: the
+// reader must notice within the stated bound (4 × HeartbeatInterval) and
+// stop serving the overwritten value from L1.
+func testClusterStalledBus(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	const interval = 100 * time.Millisecond
+	// Well below cluster-node-timeout (2 s), after which the other nodes
+	// would fail the stalled node over.
+	const stall = 1200 * time.Millisecond
+	bound := 4*interval + 400*time.Millisecond // slack for a loaded 2-core machine
+	caches := clusterInstances(t, tc, 2, Options{HeartbeatInterval: interval})
+	w, r := caches[0], caches[1]
+	subNode := tc.subscriptionNode(t, r)
+	if subNode == "" {
+		t.Fatal("cannot find the node of the reader's subscription")
+	}
+	subSlots := tc.slotsOf(t, subNode)
+	var key string
+	for i := 0; key == ""; i++ {
+		if k := "stalled-bus-" + strconv.Itoa(i); !subSlots[keySlot(r.remote.key(k))] {
+			key = k
+		}
+	}
+	if err := w.Set(ctx, key, "old"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "the reader to hold the value in L1", func() bool {
+		if _, err := r.Get(ctx, key); err != nil {
+			return false
+		}
+		e, ok := r.local.get(key)
+		return ok && e.value == "old"
+	})
+	before := r.Stats()
+
+	tc.bus[subNode].StallAll()
+	stalledAt := time.Now()
+	if err := w.Set(ctx, key, "new"); err != nil {
+		tc.bus[subNode].Resume()
+		t.Fatalf("Set while the bus link is stalled: %v", err)
+	}
+	setAt := time.Now()
+	var lastOld time.Time
+	for time.Since(stalledAt) < stall {
+		if v, err := r.Get(ctx, key); err == nil && v == "old" {
+			lastOld = time.Now()
+		}
+		time.Sleep(time.Millisecond) // polling, as waitUntil does
+	}
+	tc.bus[subNode].Resume()
+	after := r.Stats()
+	if !lastOld.IsZero() && lastOld.Sub(setAt) > bound {
+		t.Errorf("the reader served the overwritten value %v after the Set returned (bound %v; gaps +%d, heartbeat misses +%d)",
+			lastOld.Sub(setAt).Round(time.Millisecond), bound, after.SubscriptionGaps-before.SubscriptionGaps,
+			after.HeartbeatMisses-before.HeartbeatMisses)
+	}
+	if after.SubscriptionGaps == before.SubscriptionGaps {
+		t.Error("a stalled bus link into the subscription's node was not counted as a gap")
+	}
+	t.Logf("stalled bus link into %s: the reader served the old value until %v after the Set returned (0 = never); gaps +%d, heartbeat misses +%d",
+		subNode, max(lastOld.Sub(setAt), 0).Round(time.Millisecond), after.SubscriptionGaps-before.SubscriptionGaps,
+		after.HeartbeatMisses-before.HeartbeatMisses)
+	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
+	waitUntil(t, 10*time.Second, "the reader to be healthy and read the new value", func() bool {
+		v, err := r.Get(ctx, key)
+		return err == nil && v == "new" && r.sub.healthy()
+	})
 }
