@@ -216,6 +216,9 @@ func TestCluster(t *testing.T) {
 	t.Run("Invalidation", func(t *testing.T) { testClusterInvalidation(t, tc) })
 	t.Run("WaitReplicas", func(t *testing.T) { testClusterWaitReplicas(t, tc) })
 	t.Run("StalledBusLink", func(t *testing.T) { testClusterStalledBus(t, tc) })
+	t.Run("Migration", func(t *testing.T) { testClusterMigration(t, tc) })
+	t.Run("MasterDown", func(t *testing.T) { testClusterMasterDown(t, tc) })
+	tc.restartStopped(t)
 	t.Run("Failover", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{}) })
 	tc.restartStopped(t)
 	t.Run("FailoverLosingWrites", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{stallReplica: true}) })
@@ -1096,8 +1099,19 @@ func testClusterWaitReplicas(t *testing.T, tc *testCluster) {
 	if err := w.Set(ctx, off, "v2"); err != nil {
 		t.Errorf("Set of a key on another master: %v", err)
 	}
-	if err := w.Delete(ctx, on, off); !errors.Is(err, ErrRemoteUnavailable) {
+	// A Delete over both masters runs each master's part: the healthy one
+	// deletes its key, and the error names only the other's.
+	if err := w.Set(ctx, off, "v2"); err != nil {
+		t.Errorf("Set of a key on another master: %v", err)
+	}
+	err = w.Delete(ctx, on, off)
+	if !errors.Is(err, ErrRemoteUnavailable) {
 		t.Errorf("Delete with a replica stopped: %v, want ErrRemoteUnavailable", err)
+	} else if msg := err.Error(); !strings.Contains(msg, strconv.Quote(on)) || strings.Contains(msg, strconv.Quote(off)) {
+		t.Errorf("Delete with a replica stopped: %q; want it to name %q (its replica is stopped) and not %q", msg, on, off)
+	}
+	if n, err := readOnlyClient(t, replicaOf(off)).Exists(ctx, w.remote.key(off)).Result(); err != nil || n != 0 {
+		t.Errorf("a Delete with another master's replica stopped left %s on its healthy master's replica: %d, %v", off, n, err)
 	}
 	resume()
 	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
@@ -1273,4 +1287,282 @@ func testClusterStalledBus(t *testing.T, tc *testCluster) {
 		v, err := r.Get(ctx, key)
 		return err == nil && v == "new" && r.sub.healthy()
 	})
+}
+
+// nodeID returns the cluster node id of the node at addr.
+func (tc *testCluster) nodeID(t *testing.T, addr string) string {
+	for _, n := range mustClusterNodes(t, tc, addr) {
+		if n.addr == addr {
+			return n.id
+		}
+	}
+	t.Fatalf("no node id for %s", addr)
+	return ""
+}
+
+// testClusterMigration half-migrates the slot of "{t}" from its master to
+// another (key {t}a moved, {t}b not), then completes the migration:
+//
+//   - A Delete of both keys is answered TRYAGAIN: an answer, not an outage,
+//     so right after it keys on the same master and on a third master are
+//     written and read as usual.
+//   - With WaitReplicas, a Set and a Delete of the moved key follow ASK, and
+//     after the migration a Set through a client whose slot map is stale
+//     follows MOVED.
+func testClusterMigration(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	ns := uniqueNamespace(t)
+	plain := newTestCache[string](t, tc.client(t), Options{Namespace: ns})
+	waitCC := tc.client(t)
+	waited := newTestCache[string](t, waitCC, Options{Namespace: ns, WaitReplicas: 1, WaitTimeout: time.Second})
+	cc := tc.client(t)
+	masterOf := func(k string) string {
+		m, err := cc.MasterForKey(ctx, plain.remote.key(k))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.Options().Addr
+	}
+	src := masterOf("{t}a")
+	var dst, third string
+	for m := range tc.masters(t, src) {
+		switch {
+		case m == src:
+		case dst == "":
+			dst = m
+		default:
+			third = m
+		}
+	}
+	var same, other string // a key on src outside the slot, one on the third master
+	for i := 0; same == "" || other == ""; i++ {
+		k := "migration-" + strconv.Itoa(i)
+		switch masterOf(k) {
+		case src:
+			if keySlot(plain.remote.key(k)) != keySlot(plain.remote.key("{t}a")) {
+				same = k
+			}
+		case third:
+			other = k
+		}
+	}
+	for _, k := range []string{"{t}a", "{t}b", same, other} {
+		if err := waited.Set(ctx, k, "v1"); err != nil {
+			t.Fatalf("Set %s with WaitReplicas before the migration: %v", k, err)
+		}
+	}
+	// The write's own client learns the slot map before the migration.
+	slot := keySlot(plain.remote.key("{t}a"))
+	srcID, dstID := tc.nodeID(t, src), tc.nodeID(t, dst)
+	srcNode, dstNode := tc.node(t, src), tc.node(t, dst)
+	host, port, _ := net.SplitHostPort(dst)
+	for _, step := range []struct {
+		node *redis.Client
+		args []any
+	}{
+		{dstNode, []any{"cluster", "setslot", slot, "importing", srcID}},
+		{srcNode, []any{"cluster", "setslot", slot, "migrating", dstID}},
+		{srcNode, []any{"migrate", host, port, "", 0, 5000, "keys", plain.remote.key("{t}a")}},
+	} {
+		if err := step.node.Do(ctx, step.args...).Err(); err != nil {
+			t.Fatalf("%v: %v", step.args, err)
+		}
+	}
+	finished := false
+	finish := func() {
+		if finished {
+			return
+		}
+		finished = true
+		_ = srcNode.Do(ctx, "migrate", host, port, "", 0, 5000, "keys", plain.remote.key("{t}b")).Err()
+		for m := range tc.masters(t, src) {
+			if err := tc.node(t, m).Do(ctx, "cluster", "setslot", slot, "node", dstID).Err(); err != nil {
+				t.Errorf("CLUSTER SETSLOT %d NODE on %s: %v", slot, m, err)
+			}
+		}
+	}
+	t.Cleanup(finish)
+
+	// TRYAGAIN: one key of the script moved, one not.
+	err := plain.Delete(ctx, "{t}a", "{t}b")
+	if !redis.HasErrorPrefix(err, "TRYAGAIN") {
+		t.Errorf("Delete of a half-migrated slot's keys: %v, want TRYAGAIN", err)
+	}
+	for _, k := range []string{same, other} {
+		if err := plain.Set(ctx, k, "v2"); err != nil {
+			t.Errorf("Set %s right after a TRYAGAIN: %v", k, err)
+		}
+		plain.local.invalidate(k)
+		if v, err := plain.Get(ctx, k); err != nil || v != "v2" {
+			t.Errorf("Get %s right after a TRYAGAIN = %q, %v", k, v, err)
+		}
+	}
+
+	// ASK, with WaitReplicas: the moved key is on the target.
+	if err := waited.Set(ctx, "{t}a", "v2"); err != nil {
+		t.Errorf("Set with WaitReplicas of a key moved by a running migration (ASK): %v", err)
+	}
+	if err := waited.Delete(ctx, "{t}a"); err != nil {
+		t.Errorf("Delete with WaitReplicas of a key moved by a running migration (ASK): %v", err)
+	}
+	pipe := dstNode.Pipeline() // the target answers for an importing slot after ASKING
+	pipe.Do(ctx, "asking")
+	exists := pipe.Exists(ctx, plain.remote.key("{t}a"))
+	_, _ = pipe.Exec(ctx)
+	if n, err := exists.Result(); err != nil || n != 0 {
+		t.Errorf("after the Delete, the migration's target still holds the key: %d, %v", n, err)
+	}
+
+	// MOVED, with WaitReplicas: waitCC still maps the slot to src.
+	finish()
+	if err := waited.Set(ctx, "{t}b", "v3"); err != nil {
+		t.Errorf("Set with WaitReplicas of a key whose slot moved (MOVED): %v", err)
+	}
+	raw, err := dstNode.Get(ctx, plain.remote.key("{t}b")).Bytes()
+	if p, _ := envelopePayload(raw); err != nil || string(p) != "v3" {
+		t.Errorf("the slot's new master holds %q, %v; want v3", raw, err)
+	}
+	if err := waited.Delete(ctx, "{t}b", same, other); err != nil {
+		t.Errorf("Delete with WaitReplicas over 3 masters after the migration: %v", err)
+	}
+	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
+}
+
+// testClusterMasterDown kills a master (not the one holding the process'
+// subscription) with cluster-require-full-coverage off, and until its
+// replica is promoted checks that keys on the healthy masters work as
+// before: every Set of them succeeds, a Delete that also names a key on the
+// dead master deletes the others and names only that key in its error, and
+// a reader that GetOrLoads keys of every master keeps serving the healthy
+// masters' keys from L1 (the dead master's miss and are loaded, and are
+// dropped when it answers again).
+func testClusterMasterDown(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	ns := uniqueNamespace(t)
+	// One process, one Cache (and so its breakers) for reads and writes.
+	r := newTestCache[string](t, tc.client(t), Options{Namespace: ns})
+	w := r
+	check := redis.NewClusterClient(&redis.ClusterOptions{Addrs: tc.addrs, DialerRetries: 1})
+	t.Cleanup(func() { _ = check.Close() })
+	for _, a := range tc.addrs {
+		if err := tc.node(t, a).ConfigSet(ctx, "cluster-require-full-coverage", "no").Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, a := range tc.addrs {
+			if tc.nodes[a].cmd != nil {
+				_ = tc.node(t, a).ConfigSet(ctx, "cluster-require-full-coverage", "yes").Err()
+			}
+		}
+	})
+	subs := map[string]bool{tc.subscriptionNode(t, r): true}
+	var victim string
+	for m := range tc.masters(t, tc.live()) {
+		if !subs[m] {
+			victim = m
+		}
+	}
+	replica := tc.masters(t, victim)[victim]
+	victimSlots := tc.slotsOf(t, victim)
+	onVictim := func(k string) bool { return victimSlots[keySlot(r.remote.key(k))] }
+	// The reader's keys on healthy masters (in its L1), the writer's, and
+	// keys on the dead master that nobody read before (each read of one
+	// misses L1 and tries Redis).
+	var read, written, fresh []string
+	for _, k := range clusterKeys(10000) {
+		switch {
+		case onVictim(k):
+			fresh = append(fresh, k)
+		case len(read) < 300:
+			read = append(read, k)
+		case len(written) < 30:
+			written = append(written, k)
+		}
+	}
+	deadKey := fresh[0]
+	fresh = fresh[1:]
+	load := func(context.Context, string) (string, error) { return "v1", nil }
+	for _, k := range read {
+		if _, err := r.GetOrLoad(ctx, k, load); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 10*time.Second, "the reader's L1 to hold "+k, func() bool {
+			_, ok := r.local.get(k)
+			return ok
+		})
+	}
+
+	tc.nodes[victim].Stop()
+	killedAt := time.Now()
+	promoted := make(chan struct{})
+	go func() {
+		defer close(promoted)
+		rdb := redis.NewClient(&redis.Options{Addr: replica})
+		defer rdb.Close()
+		for time.Since(killedAt) < 20*time.Second {
+			if info, err := rdb.Info(ctx, "replication").Result(); err == nil && strings.Contains(info, "role:master") {
+				return
+			}
+			time.Sleep(20 * time.Millisecond) // polling, as waitUntil does
+		}
+	}()
+	// Each round: a read of a key on the dead master (it fails, or loads),
+	// a Set of a key on a healthy master, reads of 10 keys on healthy
+	// masters (in L1 before the kill); and once, a Delete naming keys on
+	// both.
+	var sets, setErrs, liveReads, liveHits, deadReads int
+	var firstSetErr error
+	before := r.Stats()
+	deleted := false
+	for i := 0; ; i++ {
+		select {
+		case <-promoted:
+		default:
+			_, _, _ = r.GetOrLoadFrom(ctx, fresh[i%len(fresh)], load)
+			deadReads++
+			sets++
+			if err := w.Set(ctx, written[i%len(written)], strconv.Itoa(i)); err != nil {
+				setErrs++
+				if firstSetErr == nil {
+					firstSetErr = err
+				}
+			}
+			for j := range 10 {
+				_, src, _ := r.GetOrLoadFrom(ctx, read[(i*10+j)%len(read)], load)
+				liveReads++
+				if src == SourceLocal {
+					liveHits++
+				}
+			}
+			if !deleted && time.Since(killedAt) > 500*time.Millisecond {
+				deleted = true
+				a, b := written[0], written[1]
+				err := w.Delete(ctx, a, b, deadKey)
+				if !errors.Is(err, ErrRemoteUnavailable) {
+					t.Errorf("Delete naming a key on the dead master: %v, want ErrRemoteUnavailable", err)
+				} else if msg := err.Error(); !strings.Contains(msg, strconv.Quote(deadKey)) || strings.Contains(msg, strconv.Quote(a)) {
+					t.Errorf("Delete naming a key on the dead master: %q; want it to name %q and not %q", msg, deadKey, a)
+				}
+				for _, k := range []string{a, b} {
+					if n, err := check.Exists(ctx, w.remote.key(k)).Result(); err != nil || n != 0 {
+						t.Errorf("a Delete naming a key on the dead master left %s on a healthy one: %d, %v", k, n, err)
+					}
+				}
+			}
+			continue
+		}
+		break
+	}
+	after := r.Stats()
+	ratio := float64(liveHits) / float64(max(liveReads, 1))
+	t.Logf("master %s down for %v until its replica's promotion: Sets of keys on healthy masters %d (%d failed, first: %v); reader: %d reads of keys on healthy masters, %.1f%% L1 hits; %d reads of the dead master's keys; flushes +%d",
+		victim, time.Since(killedAt).Round(time.Millisecond), sets, setErrs, firstSetErr, liveReads, 100*ratio, deadReads,
+		after.Flushes-before.Flushes)
+	if setErrs != 0 {
+		t.Errorf("%d of %d Sets of keys on healthy masters failed while one master was down (first: %v)", setErrs, sets, firstSetErr)
+	}
+	if ratio < 0.9 {
+		t.Errorf("with one master down, the reader served %.1f%% of the healthy masters' keys from L1, want at least 90%%", 100*ratio)
+	}
 }
