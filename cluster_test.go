@@ -217,6 +217,7 @@ func TestCluster(t *testing.T) {
 	t.Run("WaitReplicas", func(t *testing.T) { testClusterWaitReplicas(t, tc) })
 	t.Run("StalledBusLink", func(t *testing.T) { testClusterStalledBus(t, tc) })
 	t.Run("Migration", func(t *testing.T) { testClusterMigration(t, tc) })
+	t.Run("HungMaster", func(t *testing.T) { testClusterHungMaster(t, tc) })
 	t.Run("MasterDown", func(t *testing.T) { testClusterMasterDown(t, tc) })
 	tc.restartStopped(t)
 	t.Run("Failover", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{}) })
@@ -1565,4 +1566,68 @@ func testClusterMasterDown(t *testing.T, tc *testCluster) {
 	if ratio < 0.9 {
 		t.Errorf("with one master down, the reader served %.1f%% of the healthy masters' keys from L1, want at least 90%%", 100*ratio)
 	}
+}
+
+// testClusterHungMaster stops (SIGSTOP) a master that holds neither
+// instance's subscription, for less than cluster-node-timeout (no
+// failover), with default ClusterClients: a PUBLISH to it, a slot-map
+// reload that asks it, a call for one of its keys each wait for the
+// client's ReadTimeout (3 s). The subscriptions must stay healthy (the
+// heartbeats through the other masters, and the PINGs, still come back),
+// L1 keeps serving, and invalidations of keys on the other masters still
+// arrive.
+func testClusterHungMaster(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	const interval = 100 * time.Millisecond // a path is dead after 300 ms
+	const hang = 1500 * time.Millisecond    // below cluster-node-timeout (2 s)
+	caches := clusterInstances(t, tc, 2, Options{HeartbeatInterval: interval})
+	w, r := caches[0], caches[1]
+	subs := map[string]bool{tc.subscriptionNode(t, w): true, tc.subscriptionNode(t, r): true}
+	var victim string
+	for m := range tc.masters(t, tc.live()) {
+		if !subs[m] {
+			victim = m
+		}
+	}
+	victimSlots := tc.slotsOf(t, victim)
+	var live []string
+	for _, k := range clusterKeys(60) {
+		if !victimSlots[keySlot(r.remote.key(k))] {
+			live = append(live, k)
+		}
+	}
+	for _, k := range live {
+		if err := w.Set(ctx, k, "v1"); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 10*time.Second, "the reader's L1 to hold "+k, func() bool {
+			v, err := r.Get(ctx, k)
+			e, ok := r.local.get(k)
+			return err == nil && v == "v1" && ok && e.value == "v1"
+		})
+	}
+	waitUntil(t, 10*time.Second, "both subscriptions to be healthy", func() bool {
+		return w.sub.healthy() && r.sub.healthy()
+	})
+	before := []Stats{w.Stats(), r.Stats()}
+	resume := stopProcess(t, tc.nodes[victim])
+	stoppedAt := time.Now()
+	for i := 0; time.Since(stoppedAt) < hang; i++ {
+		k := live[i%len(live)]
+		if err := w.Set(ctx, k, "v2-"+strconv.Itoa(i)); err != nil {
+			t.Errorf("Set of a key on a healthy master while another master hangs: %v", err)
+		}
+		waitUntil(t, 5*time.Second, "the reader to get the invalidation of "+k, func() bool {
+			e, ok := r.local.get(k)
+			return !ok || e.value == "v2-"+strconv.Itoa(i)
+		})
+	}
+	resume()
+	for i, c := range caches {
+		s := c.Stats()
+		if gaps, misses := s.SubscriptionGaps-before[i].SubscriptionGaps, s.HeartbeatMisses-before[i].HeartbeatMisses; gaps != 0 || misses != 0 {
+			t.Errorf("instance %d: %d subscription gaps, %d heartbeat misses while a master that holds no subscription hung", i, gaps, misses)
+		}
+	}
+	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
 }

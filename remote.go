@@ -700,8 +700,9 @@ func (r *remote) succeeded(b *breaker) {
 // check classifies the result of a Redis call guarded by b. The caller's
 // own cancellation is returned as it is, so it is never mistaken for an
 // outage; other failures are wrapped in ErrRemoteUnavailable. Failures to
-// reach Redis at all open b; CLUSTERDOWN opens the cache's breaker; other
-// answers (TRYAGAIN included: a migration, not an outage) open none.
+// reach Redis at all open b, and so does CLUSTERDOWN for a slot not served;
+// a cluster that is down opens the cache's breaker; other answers (TRYAGAIN
+// included: a migration, not an outage) open none.
 func (r *remote) check(ctx context.Context, b *breaker, err error) error {
 	if err == nil {
 		r.succeeded(b)
@@ -713,6 +714,8 @@ func (r *remote) check(ctx context.Context, b *breaker, err error) error {
 	var reply redis.Error
 	answered := errors.As(err, &reply)
 	switch {
+	case answered && redis.HasErrorPrefix(reply, "CLUSTERDOWN Hash slot not served"):
+		b.record(err) // one master's slots, with cluster-require-full-coverage off
 	case answered && redis.HasErrorPrefix(reply, "CLUSTERDOWN"):
 		r.breaker.record(err)
 	case !answered:
