@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,12 +31,19 @@ type breaker struct {
 
 	// onRecover, if set, is called when a call succeeds after failures
 	// (at least once after every failure, sometimes more), with the keys
-	// L1 kept while the breaker was open (see outage).
-	onRecover func(kept []string)
+	// L1 kept while the breaker was open (see outage), or with all true if
+	// it did not track them all.
+	onRecover func(kept []string, all bool)
+	track     bool // outage records keys (a master's breaker; the cache's drops all of L1)
 
-	mu   sync.Mutex // orders outage against a recovery
-	kept map[string]struct{}
+	mu       sync.Mutex // orders outage against a recovery
+	kept     map[string]struct{}
+	overflow bool // more than maxKept keys were kept
 }
+
+// maxKept bounds the keys a breaker remembers while it is open; past it,
+// its recovery drops all of L1.
+const maxKept = 10000
 
 const (
 	breakerMinPause = 100 * time.Millisecond
@@ -62,14 +71,12 @@ func (b *breaker) record(err error) {
 		// so the next success recovers again.
 		b.mu.Lock()
 		f, u := b.failures.Swap(0), b.openUntil.Swap(0)
-		kept := make([]string, 0, len(b.kept))
-		for k := range b.kept {
-			kept = append(kept, k)
-		}
-		b.kept = nil
+		kept := slices.Collect(maps.Keys(b.kept))
+		all := b.overflow || !b.track
+		b.kept, b.overflow = nil, false
 		b.mu.Unlock()
 		if (f != 0 || u != 0) && b.onRecover != nil {
-			b.onRecover(kept)
+			b.onRecover(kept, all)
 		}
 		return
 	}
@@ -84,13 +91,17 @@ func (b *breaker) record(err error) {
 
 // outage records that L1 keeps key while Redis fails, and returns until
 // when it may (UnixNano): until the breaker lets the next call try Redis,
-// or 0 if it is closed. Either the next recovery is passed key, or this
-// sees the breaker closed.
+// or 0 if it is closed. Either the next recovery is passed key (or all),
+// or this sees the breaker closed.
 func (b *breaker) outage(key string) int64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	until := b.openUntil.Load()
-	if until != 0 {
+	switch {
+	case until == 0 || !b.track:
+	case len(b.kept) >= maxKept:
+		b.overflow = true
+	default:
 		if b.kept == nil {
 			b.kept = make(map[string]struct{})
 		}
@@ -123,7 +134,7 @@ func (r *remote) masterBreaker(addr string) *breaker {
 	if b, ok := r.masters.Load(addr); ok {
 		return b.(*breaker)
 	}
-	b, _ := r.masters.LoadOrStore(addr, &breaker{onRecover: r.onMasterRecover})
+	b, _ := r.masters.LoadOrStore(addr, &breaker{onRecover: r.onMasterRecover, track: true})
 	return b.(*breaker)
 }
 

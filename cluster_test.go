@@ -1539,7 +1539,10 @@ func testClusterMasterDown(t *testing.T, tc *testCluster) {
 			if !deleted && time.Since(killedAt) > 500*time.Millisecond {
 				deleted = true
 				a, b := written[0], written[1]
+				start := time.Now()
 				err := w.Delete(ctx, a, b, deadKey)
+				t.Logf("a Delete naming keys on two healthy masters and the dead one returned after %v: %v",
+					time.Since(start).Round(time.Microsecond), err)
 				if !errors.Is(err, ErrRemoteUnavailable) {
 					t.Errorf("Delete naming a key on the dead master: %v, want ErrRemoteUnavailable", err)
 				} else if msg := err.Error(); !strings.Contains(msg, strconv.Quote(deadKey)) || strings.Contains(msg, strconv.Quote(a)) {

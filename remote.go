@@ -177,7 +177,7 @@ type remote struct {
 	masters sync.Map // on a Cluster: master address -> *breaker
 
 	// onMasterRecover is the onRecover of the masters' breakers.
-	onMasterRecover func(kept []string)
+	onMasterRecover func(kept []string, all bool)
 
 	waitReplicas int // Options.WaitReplicas
 	waitTimeout  time.Duration
@@ -473,9 +473,13 @@ func (r *remote) runAll(ctx context.Context, calls []*scriptCall) []error {
 				names = append(names, strings.TrimPrefix(c.keys[0], r.prefix))
 			}
 		}
-		what := "may not be written or deleted"
+		done := "written"
+		if g.calls[0].script == deleteScript {
+			done = "deleted"
+		}
+		what := "may not be " + done
 		if errors.Is(err, errNotReplicated) {
-			what = "were written or deleted on their master, which may lose them"
+			what = "were " + done + " on their master but may not be replicated"
 		}
 		err = fmt.Errorf("keys %s %s: %w", keyList(names), what, err)
 		for _, c := range g.calls {

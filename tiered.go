@@ -71,8 +71,11 @@ func newCache[V any](opts Options, clk *clock, releaseClk func()) (*Cache[V], er
 	// hold something else, and no invalidation will say so.
 	// A Cluster master's breaker drops just the keys kept while it was open:
 	// other masters' keys were read from Redis as usual.
-	c.remote.breaker.onRecover = func([]string) { c.sub.flush("redis answers again") }
-	c.remote.onMasterRecover = func(kept []string) {
+	c.remote.breaker.onRecover = func([]string, bool) { c.sub.flush("redis answers again") }
+	c.remote.onMasterRecover = func(kept []string, all bool) {
+		if all {
+			c.sub.flush("a Redis Cluster master answers again")
+		}
 		for _, k := range kept {
 			c.local.invalidate(k)
 		}
