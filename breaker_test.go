@@ -34,7 +34,7 @@ func TestBreakerRecoveryDropsWhatWasKeptWhileOpen(t *testing.T) {
 
 	b.record(errors.New("connection refused"))
 	for i := range maxKept + 1 {
-		b.outage(string(rune('a' + i%26)) + string(rune(i)))
+		b.outage(string(rune('a'+i%26)) + string(rune(i)))
 	}
 	b.record(nil)
 	if !all {
