@@ -446,7 +446,7 @@ func testClusterInvalidation(t *testing.T, tc *testCluster) {
 	all := append(slices.Clone(local), bus...)
 	t.Logf("invalidation latency on the cluster (Set start -> another instance has dropped the key from L1), %d trials: p50 %v, p90 %v, p99 %v, max %v",
 		trials, pct(all, .5), pct(all, .9), pct(all, .99), pct(all, 1))
-	t.Logf("  published on the subscriber's node (%d): p50 %v, p99 %v; forwarded over the cluster bus (%d): p50 %v, p99 %v, max %v",
+	t.Logf("  published on the subscriber's node (%d): p50 %v, p99 %v; forwarded over the cluster bus, through the test's bus proxies (%d): p50 %v, p99 %v, max %v",
 		len(local), pct(local, .5), pct(local, .99), len(bus), pct(bus, .5), pct(bus, .99), pct(bus, 1))
 	for i, c := range caches {
 		if s := c.Stats(); s.SubscriptionGaps != 0 || s.RemoteErrors != 0 {
