@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"maps"
 	"math/rand/v2"
+	"net"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -37,6 +38,7 @@ const clusterNodeTimeout = 2000 * time.Millisecond
 type testCluster struct {
 	nodes map[string]*redisServer // by address
 	addrs []string
+	bus   map[string]*tcpProxy // by node address: the proxy on the node's announced cluster-bus port
 }
 
 // clusterNodeInfo is one line of CLUSTER NODES.
@@ -61,19 +63,26 @@ func startTestCluster(t *testing.T) *testCluster {
 		skipOrFail(t, "redis-server is not installed: the cluster tests need redis-server and redis-cli (apt-get install redis-server redis-tools)")
 	}
 	start := time.Now()
-	tc := &testCluster{nodes: make(map[string]*redisServer)}
+	tc := &testCluster{nodes: make(map[string]*redisServer), bus: make(map[string]*tcpProxy)}
 	for range 6 {
+		// An explicit bus port: the default (port+10000) may not be free,
+		// or may not even exist for a high ephemeral port. The node
+		// announces a proxy in front of it, so that a test can stall what
+		// the other nodes send it over the bus.
+		busPort := freePort(t)
+		bus := startProxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(busPort)))
+		_, announced, _ := net.SplitHostPort(bus.Addr)
 		s := startRedisServer(t,
 			"--cluster-enabled", "yes",
 			"--cluster-config-file", "nodes.conf",
 			"--cluster-node-timeout", strconv.Itoa(int(clusterNodeTimeout.Milliseconds())),
-			// An explicit bus port: the default (port+10000) may not be free,
-			// or may not even exist for a high ephemeral port.
-			"--cluster-port", strconv.Itoa(freePort(t)),
+			"--cluster-port", strconv.Itoa(busPort),
+			"--cluster-announce-bus-port", announced,
 			// Replicas sync at once instead of after the default 5 s delay.
 			"--repl-diskless-sync-delay", "0",
 		)
 		tc.nodes[s.Addr] = s
+		tc.bus[s.Addr] = bus
 		tc.addrs = append(tc.addrs, s.Addr)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -206,6 +215,11 @@ func TestCluster(t *testing.T) {
 	t.Run("ReadsWritesDeletes", func(t *testing.T) { testClusterReadsWritesDeletes(t, tc) })
 	t.Run("Invalidation", func(t *testing.T) { testClusterInvalidation(t, tc) })
 	t.Run("WaitReplicas", func(t *testing.T) { testClusterWaitReplicas(t, tc) })
+	t.Run("StalledBusLink", func(t *testing.T) { testClusterStalledBus(t, tc) })
+	t.Run("Migration", func(t *testing.T) { testClusterMigration(t, tc) })
+	t.Run("HungMaster", func(t *testing.T) { testClusterHungMaster(t, tc) })
+	t.Run("MasterDown", func(t *testing.T) { testClusterMasterDown(t, tc) })
+	tc.restartStopped(t)
 	t.Run("Failover", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{}) })
 	tc.restartStopped(t)
 	t.Run("FailoverLosingWrites", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{stallReplica: true}) })
@@ -432,7 +446,7 @@ func testClusterInvalidation(t *testing.T, tc *testCluster) {
 	all := append(slices.Clone(local), bus...)
 	t.Logf("invalidation latency on the cluster (Set start -> another instance has dropped the key from L1), %d trials: p50 %v, p90 %v, p99 %v, max %v",
 		trials, pct(all, .5), pct(all, .9), pct(all, .99), pct(all, 1))
-	t.Logf("  published on the subscriber's node (%d): p50 %v, p99 %v; forwarded over the cluster bus (%d): p50 %v, p99 %v, max %v",
+	t.Logf("  published on the subscriber's node (%d): p50 %v, p99 %v; forwarded over the cluster bus, through the test's bus proxies (%d): p50 %v, p99 %v, max %v",
 		len(local), pct(local, .5), pct(local, .99), len(bus), pct(bus, .5), pct(bus, .99), pct(bus, 1))
 	for i, c := range caches {
 		if s := c.Stats(); s.SubscriptionGaps != 0 || s.RemoteErrors != 0 {
@@ -1086,8 +1100,19 @@ func testClusterWaitReplicas(t *testing.T, tc *testCluster) {
 	if err := w.Set(ctx, off, "v2"); err != nil {
 		t.Errorf("Set of a key on another master: %v", err)
 	}
-	if err := w.Delete(ctx, on, off); !errors.Is(err, ErrRemoteUnavailable) {
+	// A Delete over both masters runs each master's part: the healthy one
+	// deletes its key, and the error names only the other's.
+	if err := w.Set(ctx, off, "v2"); err != nil {
+		t.Errorf("Set of a key on another master: %v", err)
+	}
+	err = w.Delete(ctx, on, off)
+	if !errors.Is(err, ErrRemoteUnavailable) {
 		t.Errorf("Delete with a replica stopped: %v, want ErrRemoteUnavailable", err)
+	} else if msg := err.Error(); !strings.Contains(msg, strconv.Quote(on)) || strings.Contains(msg, strconv.Quote(off)) {
+		t.Errorf("Delete with a replica stopped: %q; want it to name %q (its replica is stopped) and not %q", msg, on, off)
+	}
+	if n, err := readOnlyClient(t, replicaOf(off)).Exists(ctx, w.remote.key(off)).Result(); err != nil || n != 0 {
+		t.Errorf("a Delete with another master's replica stopped left %s on its healthy master's replica: %d, %v", off, n, err)
 	}
 	resume()
 	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
@@ -1190,4 +1215,422 @@ func TestClusterClientReadingReplicasIsRejected(t *testing.T) {
 		}
 		_ = cc.Close()
 	}
+}
+
+// testClusterStalledBus stalls what the other nodes send, over the cluster
+// bus, to the node that holds a reader's subscription (a proxy on that
+// node's announced bus port holds it; the subscription's own connection and
+// every command connection are untouched). A Set of a key on another master
+// then reaches Redis but its invalidation does not reach the reader: the
+// reader must notice within the stated bound (4 × HeartbeatInterval) and
+// stop serving the overwritten value from L1.
+func testClusterStalledBus(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	const interval = 100 * time.Millisecond
+	// Well below cluster-node-timeout (2 s), after which the other nodes
+	// would fail the stalled node over.
+	const stall = 1200 * time.Millisecond
+	bound := 4*interval + 400*time.Millisecond // slack for a loaded 2-core machine
+	caches := clusterInstances(t, tc, 2, Options{HeartbeatInterval: interval})
+	w, r := caches[0], caches[1]
+	subNode := tc.subscriptionNode(t, r)
+	if subNode == "" {
+		t.Fatal("cannot find the node of the reader's subscription")
+	}
+	subSlots := tc.slotsOf(t, subNode)
+	var key string
+	for i := 0; key == ""; i++ {
+		if k := "stalled-bus-" + strconv.Itoa(i); !subSlots[keySlot(r.remote.key(k))] {
+			key = k
+		}
+	}
+	if err := w.Set(ctx, key, "old"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "the reader to hold the value in L1", func() bool {
+		if _, err := r.Get(ctx, key); err != nil {
+			return false
+		}
+		e, ok := r.local.get(key)
+		return ok && e.value == "old"
+	})
+	before := r.Stats()
+
+	tc.bus[subNode].StallAll()
+	stalledAt := time.Now()
+	if err := w.Set(ctx, key, "new"); err != nil {
+		tc.bus[subNode].Resume()
+		t.Fatalf("Set while the bus link is stalled: %v", err)
+	}
+	setAt := time.Now()
+	var lastOld time.Time
+	for time.Since(stalledAt) < stall {
+		if v, err := r.Get(ctx, key); err == nil && v == "old" {
+			lastOld = time.Now()
+		}
+		time.Sleep(time.Millisecond) // polling, as waitUntil does
+	}
+	tc.bus[subNode].Resume()
+	after := r.Stats()
+	if !lastOld.IsZero() && lastOld.Sub(setAt) > bound {
+		t.Errorf("the reader served the overwritten value %v after the Set returned (bound %v; gaps +%d, heartbeat misses +%d)",
+			lastOld.Sub(setAt).Round(time.Millisecond), bound, after.SubscriptionGaps-before.SubscriptionGaps,
+			after.HeartbeatMisses-before.HeartbeatMisses)
+	}
+	if after.SubscriptionGaps == before.SubscriptionGaps {
+		t.Error("a stalled bus link into the subscription's node was not counted as a gap")
+	}
+	t.Logf("stalled bus link into %s: the reader served the old value until %v after the Set returned (0 = never); gaps +%d, heartbeat misses +%d",
+		subNode, max(lastOld.Sub(setAt), 0).Round(time.Millisecond), after.SubscriptionGaps-before.SubscriptionGaps,
+		after.HeartbeatMisses-before.HeartbeatMisses)
+	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
+	waitUntil(t, 10*time.Second, "the reader to be healthy and read the new value", func() bool {
+		v, err := r.Get(ctx, key)
+		return err == nil && v == "new" && r.sub.healthy()
+	})
+}
+
+// nodeID returns the cluster node id of the node at addr.
+func (tc *testCluster) nodeID(t *testing.T, addr string) string {
+	for _, n := range mustClusterNodes(t, tc, addr) {
+		if n.addr == addr {
+			return n.id
+		}
+	}
+	t.Fatalf("no node id for %s", addr)
+	return ""
+}
+
+// testClusterMigration half-migrates the slot of "{t}" from its master to
+// another (key {t}a moved, {t}b not), then completes the migration:
+//
+//   - A Delete of both keys is answered TRYAGAIN: an answer, not an outage,
+//     so right after it keys on the same master and on a third master are
+//     written and read as usual.
+//   - With WaitReplicas, a Set and a Delete of the moved key follow ASK, and
+//     after the migration a Set through a client whose slot map is stale
+//     follows MOVED.
+func testClusterMigration(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	ns := uniqueNamespace(t)
+	plain := newTestCache[string](t, tc.client(t), Options{Namespace: ns})
+	waitCC := tc.client(t)
+	waited := newTestCache[string](t, waitCC, Options{Namespace: ns, WaitReplicas: 1, WaitTimeout: time.Second})
+	cc := tc.client(t)
+	masterOf := func(k string) string {
+		m, err := cc.MasterForKey(ctx, plain.remote.key(k))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.Options().Addr
+	}
+	src := masterOf("{t}a")
+	var dst, third string
+	for m := range tc.masters(t, src) {
+		switch {
+		case m == src:
+		case dst == "":
+			dst = m
+		default:
+			third = m
+		}
+	}
+	var same, other string // a key on src outside the slot, one on the third master
+	for i := 0; same == "" || other == ""; i++ {
+		k := "migration-" + strconv.Itoa(i)
+		switch masterOf(k) {
+		case src:
+			if keySlot(plain.remote.key(k)) != keySlot(plain.remote.key("{t}a")) {
+				same = k
+			}
+		case third:
+			other = k
+		}
+	}
+	for _, k := range []string{"{t}a", "{t}b", same, other} {
+		if err := waited.Set(ctx, k, "v1"); err != nil {
+			t.Fatalf("Set %s with WaitReplicas before the migration: %v", k, err)
+		}
+	}
+	// The write's own client learns the slot map before the migration.
+	slot := keySlot(plain.remote.key("{t}a"))
+	srcID, dstID := tc.nodeID(t, src), tc.nodeID(t, dst)
+	srcNode, dstNode := tc.node(t, src), tc.node(t, dst)
+	host, port, _ := net.SplitHostPort(dst)
+	for _, step := range []struct {
+		node *redis.Client
+		args []any
+	}{
+		{dstNode, []any{"cluster", "setslot", slot, "importing", srcID}},
+		{srcNode, []any{"cluster", "setslot", slot, "migrating", dstID}},
+		{srcNode, []any{"migrate", host, port, "", 0, 5000, "keys", plain.remote.key("{t}a")}},
+	} {
+		if err := step.node.Do(ctx, step.args...).Err(); err != nil {
+			t.Fatalf("%v: %v", step.args, err)
+		}
+	}
+	finished := false
+	finish := func() {
+		if finished {
+			return
+		}
+		finished = true
+		_ = srcNode.Do(ctx, "migrate", host, port, "", 0, 5000, "keys", plain.remote.key("{t}b")).Err()
+		for m := range tc.masters(t, src) {
+			if err := tc.node(t, m).Do(ctx, "cluster", "setslot", slot, "node", dstID).Err(); err != nil {
+				t.Errorf("CLUSTER SETSLOT %d NODE on %s: %v", slot, m, err)
+			}
+		}
+	}
+	t.Cleanup(finish)
+
+	// TRYAGAIN: one key of the script moved, one not.
+	err := plain.Delete(ctx, "{t}a", "{t}b")
+	if !redis.HasErrorPrefix(err, "TRYAGAIN") {
+		t.Errorf("Delete of a half-migrated slot's keys: %v, want TRYAGAIN", err)
+	}
+	for _, k := range []string{same, other} {
+		if err := plain.Set(ctx, k, "v2"); err != nil {
+			t.Errorf("Set %s right after a TRYAGAIN: %v", k, err)
+		}
+		plain.local.invalidate(k)
+		if v, err := plain.Get(ctx, k); err != nil || v != "v2" {
+			t.Errorf("Get %s right after a TRYAGAIN = %q, %v", k, v, err)
+		}
+	}
+
+	// ASK, with WaitReplicas: the moved key is on the target.
+	if err := waited.Set(ctx, "{t}a", "v2"); err != nil {
+		t.Errorf("Set with WaitReplicas of a key moved by a running migration (ASK): %v", err)
+	}
+	if err := waited.Delete(ctx, "{t}a"); err != nil {
+		t.Errorf("Delete with WaitReplicas of a key moved by a running migration (ASK): %v", err)
+	}
+	pipe := dstNode.Pipeline() // the target answers for an importing slot after ASKING
+	pipe.Do(ctx, "asking")
+	exists := pipe.Exists(ctx, plain.remote.key("{t}a"))
+	_, _ = pipe.Exec(ctx)
+	if n, err := exists.Result(); err != nil || n != 0 {
+		t.Errorf("after the Delete, the migration's target still holds the key: %d, %v", n, err)
+	}
+
+	// MOVED, with WaitReplicas: waitCC still maps the slot to src.
+	finish()
+	if err := waited.Set(ctx, "{t}b", "v3"); err != nil {
+		t.Errorf("Set with WaitReplicas of a key whose slot moved (MOVED): %v", err)
+	}
+	raw, err := dstNode.Get(ctx, plain.remote.key("{t}b")).Bytes()
+	if p, _ := envelopePayload(raw); err != nil || string(p) != "v3" {
+		t.Errorf("the slot's new master holds %q, %v; want v3", raw, err)
+	}
+	if err := waited.Delete(ctx, "{t}b", same, other); err != nil {
+		t.Errorf("Delete with WaitReplicas over 3 masters after the migration: %v", err)
+	}
+	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
+}
+
+// testClusterMasterDown kills a master (not the one holding the process'
+// subscription) with cluster-require-full-coverage off, and until its
+// replica is promoted checks that keys on the healthy masters work as
+// before: every Set of them succeeds, a Delete that also names a key on the
+// dead master deletes the others and names only that key in its error, and
+// a reader that GetOrLoads keys of every master keeps serving the healthy
+// masters' keys from L1 (the dead master's miss and are loaded, and are
+// dropped when it answers again).
+func testClusterMasterDown(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	ns := uniqueNamespace(t)
+	// One process, one Cache (and so its breakers) for reads and writes.
+	r := newTestCache[string](t, tc.client(t), Options{Namespace: ns})
+	w := r
+	check := redis.NewClusterClient(&redis.ClusterOptions{Addrs: tc.addrs, DialerRetries: 1})
+	t.Cleanup(func() { _ = check.Close() })
+	for _, a := range tc.addrs {
+		if err := tc.node(t, a).ConfigSet(ctx, "cluster-require-full-coverage", "no").Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, a := range tc.addrs {
+			if tc.nodes[a].cmd != nil {
+				_ = tc.node(t, a).ConfigSet(ctx, "cluster-require-full-coverage", "yes").Err()
+			}
+		}
+	})
+	subs := map[string]bool{tc.subscriptionNode(t, r): true}
+	var victim string
+	for m := range tc.masters(t, tc.live()) {
+		if !subs[m] {
+			victim = m
+		}
+	}
+	replica := tc.masters(t, victim)[victim]
+	victimSlots := tc.slotsOf(t, victim)
+	onVictim := func(k string) bool { return victimSlots[keySlot(r.remote.key(k))] }
+	// The reader's keys on healthy masters (in its L1), the writer's, and
+	// keys on the dead master that nobody read before (each read of one
+	// misses L1 and tries Redis).
+	var read, written, fresh []string
+	for _, k := range clusterKeys(10000) {
+		switch {
+		case onVictim(k):
+			fresh = append(fresh, k)
+		case len(read) < 300:
+			read = append(read, k)
+		case len(written) < 30:
+			written = append(written, k)
+		}
+	}
+	deadKey := fresh[0]
+	fresh = fresh[1:]
+	load := func(context.Context, string) (string, error) { return "v1", nil }
+	for _, k := range read {
+		if _, err := r.GetOrLoad(ctx, k, load); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 10*time.Second, "the reader's L1 to hold "+k, func() bool {
+			_, ok := r.local.get(k)
+			return ok
+		})
+	}
+
+	tc.nodes[victim].Stop()
+	killedAt := time.Now()
+	promoted := make(chan struct{})
+	go func() {
+		defer close(promoted)
+		rdb := redis.NewClient(&redis.Options{Addr: replica})
+		defer rdb.Close()
+		for time.Since(killedAt) < 20*time.Second {
+			if info, err := rdb.Info(ctx, "replication").Result(); err == nil && strings.Contains(info, "role:master") {
+				return
+			}
+			time.Sleep(20 * time.Millisecond) // polling, as waitUntil does
+		}
+	}()
+	// Each round: a read of a key on the dead master (it fails, or loads),
+	// a Set of a key on a healthy master, reads of 10 keys on healthy
+	// masters (in L1 before the kill); and once, a Delete naming keys on
+	// both.
+	var sets, setErrs, liveReads, liveHits, deadReads int
+	var firstSetErr error
+	before := r.Stats()
+	deleted := false
+	for i := 0; ; i++ {
+		select {
+		case <-promoted:
+		default:
+			_, _, _ = r.GetOrLoadFrom(ctx, fresh[i%len(fresh)], load)
+			deadReads++
+			sets++
+			if err := w.Set(ctx, written[i%len(written)], strconv.Itoa(i)); err != nil {
+				setErrs++
+				if firstSetErr == nil {
+					firstSetErr = err
+				}
+			}
+			for j := range 10 {
+				_, src, _ := r.GetOrLoadFrom(ctx, read[(i*10+j)%len(read)], load)
+				liveReads++
+				if src == SourceLocal {
+					liveHits++
+				}
+			}
+			if !deleted && time.Since(killedAt) > 500*time.Millisecond {
+				deleted = true
+				a, b := written[0], written[1]
+				start := time.Now()
+				err := w.Delete(ctx, a, b, deadKey)
+				t.Logf("a Delete naming keys on two healthy masters and the dead one returned after %v: %v",
+					time.Since(start).Round(time.Microsecond), err)
+				if !errors.Is(err, ErrRemoteUnavailable) {
+					t.Errorf("Delete naming a key on the dead master: %v, want ErrRemoteUnavailable", err)
+				} else if msg := err.Error(); !strings.Contains(msg, strconv.Quote(deadKey)) || strings.Contains(msg, strconv.Quote(a)) {
+					t.Errorf("Delete naming a key on the dead master: %q; want it to name %q and not %q", msg, deadKey, a)
+				}
+				for _, k := range []string{a, b} {
+					if n, err := check.Exists(ctx, w.remote.key(k)).Result(); err != nil || n != 0 {
+						t.Errorf("a Delete naming a key on the dead master left %s on a healthy one: %d, %v", k, n, err)
+					}
+				}
+			}
+			continue
+		}
+		break
+	}
+	after := r.Stats()
+	ratio := float64(liveHits) / float64(max(liveReads, 1))
+	t.Logf("master %s down for %v until its replica's promotion: Sets of keys on healthy masters %d (%d failed, first: %v); reader: %d reads of keys on healthy masters, %.1f%% L1 hits; %d reads of the dead master's keys; flushes +%d",
+		victim, time.Since(killedAt).Round(time.Millisecond), sets, setErrs, firstSetErr, liveReads, 100*ratio, deadReads,
+		after.Flushes-before.Flushes)
+	if setErrs != 0 {
+		t.Errorf("%d of %d Sets of keys on healthy masters failed while one master was down (first: %v)", setErrs, sets, firstSetErr)
+	}
+	if ratio < 0.9 {
+		t.Errorf("with one master down, the reader served %.1f%% of the healthy masters' keys from L1, want at least 90%%", 100*ratio)
+	}
+}
+
+// testClusterHungMaster stops (SIGSTOP) a master that holds neither
+// instance's subscription, for less than cluster-node-timeout (no
+// failover), with default ClusterClients: a PUBLISH to it, a slot-map
+// reload that asks it, a call for one of its keys each wait for the
+// client's ReadTimeout (3 s). The subscriptions must stay healthy (the
+// heartbeats through the other masters, and the PINGs, still come back),
+// L1 keeps serving, and invalidations of keys on the other masters still
+// arrive.
+func testClusterHungMaster(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	const interval = 100 * time.Millisecond // a path is dead after 300 ms
+	const hang = 1500 * time.Millisecond    // below cluster-node-timeout (2 s)
+	caches := clusterInstances(t, tc, 2, Options{HeartbeatInterval: interval})
+	w, r := caches[0], caches[1]
+	subs := map[string]bool{tc.subscriptionNode(t, w): true, tc.subscriptionNode(t, r): true}
+	var victim string
+	for m := range tc.masters(t, tc.live()) {
+		if !subs[m] {
+			victim = m
+		}
+	}
+	victimSlots := tc.slotsOf(t, victim)
+	var live []string
+	for _, k := range clusterKeys(60) {
+		if !victimSlots[keySlot(r.remote.key(k))] {
+			live = append(live, k)
+		}
+	}
+	for _, k := range live {
+		if err := w.Set(ctx, k, "v1"); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 10*time.Second, "the reader's L1 to hold "+k, func() bool {
+			v, err := r.Get(ctx, k)
+			e, ok := r.local.get(k)
+			return err == nil && v == "v1" && ok && e.value == "v1"
+		})
+	}
+	waitUntil(t, 10*time.Second, "both subscriptions to be healthy", func() bool {
+		return w.sub.healthy() && r.sub.healthy()
+	})
+	before := []Stats{w.Stats(), r.Stats()}
+	resume := stopProcess(t, tc.nodes[victim])
+	stoppedAt := time.Now()
+	for i := 0; time.Since(stoppedAt) < hang; i++ {
+		k := live[i%len(live)]
+		if err := w.Set(ctx, k, "v2-"+strconv.Itoa(i)); err != nil {
+			t.Errorf("Set of a key on a healthy master while another master hangs: %v", err)
+		}
+		waitUntil(t, 5*time.Second, "the reader to get the invalidation of "+k, func() bool {
+			e, ok := r.local.get(k)
+			return !ok || e.value == "v2-"+strconv.Itoa(i)
+		})
+	}
+	resume()
+	for i, c := range caches {
+		s := c.Stats()
+		if gaps, misses := s.SubscriptionGaps-before[i].SubscriptionGaps, s.HeartbeatMisses-before[i].HeartbeatMisses; gaps != 0 || misses != 0 {
+			t.Errorf("instance %d: %d subscription gaps, %d heartbeat misses while a master that holds no subscription hung", i, gaps, misses)
+		}
+	}
+	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
 }

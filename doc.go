@@ -67,13 +67,16 @@
 // # Cluster
 //
 // Options.Redis may be a *redis.Client (single node or Sentinel) or a
-// *redis.ClusterClient. On a cluster, Delete groups keys by slot, the
-// subscription may sit on any node (Redis forwards every PUBLISH), values
-// are not sent with invalidations by default, and a change of masters
-// flushes L1. A stalled cluster-bus link into the subscription's node is
-// not yet detected (the heartbeat proves only the subscription's own
-// connection), so on a cluster the 4 × HeartbeatInterval bound for silent
-// failures does not hold for that case.
+// *redis.ClusterClient. On a cluster, Delete groups keys by slot and runs
+// each master's part concurrently, the subscription may sit on any node
+// (Redis forwards every PUBLISH), values are not sent with invalidations by
+// default, and a change of masters flushes L1. The 4 × HeartbeatInterval
+// bound holds for every path a message can take: a heartbeat published
+// through each master must come back, or that is a gap. Each master has
+// its own breaker; TRYAGAIN is retried and never opens one; with
+// WaitReplicas, MOVED and ASK are followed. A default ClusterClient needs no
+// tuning for any of this; ContextTimeoutEnabled only bounds how long the
+// caller's own calls wait for a hung master.
 //
 // # Compatibility
 //

@@ -8,9 +8,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
-	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,6 +46,11 @@ import (
 //     heal carry the odd epoch (or an older even one) and are never served
 //     after it, so a value read while messages could have been lost is
 //     never trusted.
+//   - On a Redis Cluster the PING proves only the subscription's own
+//     connection: every master's path to it is proven by heartbeats
+//     published through that master (see masterPaths). A path down is a
+//     gap too, and the epoch becomes even only once both the subscription
+//     and every path are healthy.
 type subscriber struct {
 	client    redis.UniversalClient
 	hbChannel string
@@ -59,6 +62,8 @@ type subscriber struct {
 	gapSeq   uint64        // pings up to this one were sent before the last call of gap
 	gapAt    time.Time     // when the last gap was noticed, or the subscription last rebuilt
 	resubbed bool          // the private channel's subscription was confirmed since the last gap
+	subDown  bool          // the subscription itself is not known to be healthy
+	paths    masterPaths   // on a cluster: the path from each master
 	healed   chan struct{} // closed while healthy; a new one at every gap
 	broken   chan struct{} // closed at the gap that ends a healthy spell; a new one at every heal
 	pingSeq  atomic.Uint64 // last ping sequence number sent
@@ -150,6 +155,7 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 		log:       log,
 		channels:  make(map[string]*channelMembers),
 		kick:      make(chan struct{}, 1),
+		subDown:   true,
 	}
 	s.epoch.Store(1) // unhealthy until the first ping is answered
 	s.lastPong.Store(time.Now().UnixNano())
@@ -245,6 +251,13 @@ func (s *subscriber) gap(reason string, err error) bool {
 	defer s.stateMu.Unlock()
 	s.gapSeq = s.pingSeq.Load()
 	s.resubbed = false
+	s.subDown = true
+	return s.open(reason, err)
+}
+
+// open makes the epoch odd, unless it is already; it reports whether it
+// was healthy until now. stateMu must be held.
+func (s *subscriber) open(reason string, err error, attrs ...any) bool {
 	if s.epoch.Load()&1 == 1 {
 		return false
 	}
@@ -254,8 +267,19 @@ func (s *subscriber) gap(reason string, err error) bool {
 	s.epoch.Add(1)
 	s.gaps.Add(1)
 	s.log.Warn("tiered: invalidation subscription lost; L1 bypassed until it is back",
-		"reason", reason, "err", err)
+		append([]any{"reason", reason, "err", err}, attrs...)...)
 	return true
+}
+
+// closeGap makes the epoch even again once the subscription and every
+// master path (on a cluster) are healthy. stateMu must be held.
+func (s *subscriber) closeGap() {
+	if s.epoch.Load()&1 == 1 && !s.subDown && s.paths.down == 0 {
+		s.epoch.Add(1)
+		close(s.healed)
+		s.broken = make(chan struct{})
+		s.log.Info("tiered: invalidation subscription healthy")
+	}
 }
 
 // flush makes every L1 entry filled before it a miss without declaring a
@@ -274,60 +298,6 @@ func (s *subscriber) flush(reason string) {
 	s.log.Debug("tiered: L1 flushed", "reason", reason)
 }
 
-// watchCluster runs on a Redis Cluster. Every interval it reloads the
-// client's slot map (one CLUSTER SLOTS) and compares the cluster's masters
-// with the last ones seen. A change (a failover) flushes L1: the promoted
-// replica may lack the last writes its master acknowledged (replication is
-// asynchronous), so values read before may not be what Redis now holds, and
-// a subscription on another node sees nothing of it. The reload also points
-// the client at the promoted replica at once: a dead master refuses
-// connections and sends no MOVED, so by itself go-redis would keep dialing
-// it until its ClusterStateReloadInterval (60 s by default) runs out.
-func (s *subscriber) watchCluster(cc *redis.ClusterClient) {
-	defer s.wg.Done()
-	t := time.NewTicker(s.interval)
-	defer t.Stop()
-	var last string
-	for {
-		select {
-		case <-t.C:
-		case <-s.ctx.Done():
-			return
-		}
-		var mu sync.Mutex
-		var masters []string
-		ctx, cancel := context.WithTimeout(s.ctx, 3*s.interval)
-		err := cc.ForEachMaster(ctx, func(_ context.Context, m *redis.Client) error {
-			mu.Lock()
-			masters = append(masters, m.Options().Addr)
-			mu.Unlock()
-			return nil
-		})
-		cancel()
-		if err != nil || len(masters) == 0 {
-			continue
-		}
-		slices.Sort(masters)
-		cur := strings.Join(masters, " ")
-		if last != "" && cur != last {
-			s.log.Info("tiered: Redis Cluster masters changed; L1 flushed", "before", last, "now", cur)
-			s.flush("cluster masters changed")
-			s.mu.Lock()
-			var members []member
-			for _, cm := range s.channels {
-				members = append(members, cm.members...)
-			}
-			s.mu.Unlock()
-			for _, m := range members {
-				if cm, ok := m.(clusterMember); ok {
-					cm.clusterChanged()
-				}
-			}
-		}
-		last = cur
-	}
-}
-
 // heal records that ping seq was answered. It heals a gap only once the
 // private channel's subscription was confirmed after it: go-redis
 // subscribes every channel in one command on a new connection, so the
@@ -337,11 +307,9 @@ func (s *subscriber) watchCluster(cc *redis.ClusterClient) {
 func (s *subscriber) heal(seq uint64) {
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
-	if s.epoch.Load()&1 == 1 && seq > s.gapSeq && s.resubbed {
-		s.epoch.Add(1)
-		close(s.healed)
-		s.broken = make(chan struct{})
-		s.log.Info("tiered: invalidation subscription healthy")
+	if s.subDown && seq > s.gapSeq && s.resubbed {
+		s.subDown = false
+		s.closeGap()
 	}
 }
 
@@ -409,6 +377,10 @@ func (s *subscriber) handle(msg any) {
 			s.heal(seq)
 		}
 	case *redis.Message:
+		if m.Channel == s.hbChannel {
+			s.echoed(m.Payload)
+			return
+		}
 		s.mu.Lock()
 		var members []member
 		if cm := s.channels[m.Channel]; cm != nil {

@@ -5,7 +5,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"sync/atomic"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -172,7 +173,11 @@ type remote struct {
 	client  redis.UniversalClient
 	prefix  string
 	channel string
-	breaker breaker
+	breaker breaker  // the cache's (see breaker)
+	masters sync.Map // on a Cluster: master address -> *breaker
+
+	// onMasterRecover is the onRecover of the masters' breakers.
+	onMasterRecover func(kept []string, all bool)
 
 	waitReplicas int // Options.WaitReplicas
 	waitTimeout  time.Duration
@@ -187,19 +192,21 @@ var errWrongType = errors.New("tiered: redis holds a value of another type under
 // get returns the raw L2 value of key; found is false if Redis has none.
 // A value of another Redis type is found, with errWrongType.
 func (r *remote) get(ctx context.Context, key string) (b []byte, found bool, err error) {
-	if err := r.breaker.allow(); err != nil {
+	rkey := r.key(key)
+	br := r.breakerFor(ctx, rkey)
+	if err := r.allow(br); err != nil {
 		return nil, false, err
 	}
-	b, err = r.client.Get(ctx, r.key(key)).Bytes()
+	b, err = r.client.Get(ctx, rkey).Bytes()
 	switch {
 	case err == redis.Nil:
-		r.breaker.record(nil)
+		r.succeeded(br)
 		return nil, false, nil
 	case err != nil && redis.HasErrorPrefix(err, "WRONGTYPE"):
-		r.breaker.record(nil) // Redis answered
+		r.succeeded(br) // Redis answered
 		return nil, true, errWrongType
 	}
-	return b, err == nil, r.check(ctx, err)
+	return b, err == nil, r.check(ctx, br, err)
 }
 
 // write stores env under key for ttl and publishes its invalidation, made
@@ -207,23 +214,24 @@ func (r *remote) get(ctx context.Context, key string) (b []byte, found bool, err
 // withValue, the stamped envelope follows. It returns the version Redis
 // gave the value.
 func (r *remote) write(ctx context.Context, key string, env []byte, ttl time.Duration, head, tail []byte, withValue bool) (uint64, error) {
-	if err := r.breaker.allow(); err != nil {
-		return 0, err
-	}
 	args := []any{env, ttl.Milliseconds(), r.channel, head, tail, "0"}
 	if withValue {
 		args[5] = "1"
 	}
 	call := &scriptCall{script: writeScript, keys: []string{r.key(key)}, args: args}
 	if r.waitReplicas > 0 {
-		if err := r.waited(ctx, []*scriptCall{call}); err != nil {
-			return 0, err
+		if errs := r.runAll(ctx, []*scriptCall{call}); errs[0] != nil {
+			return 0, errs[0]
 		}
-	} else {
-		call.res = writeScript.Run(ctx, r.client, call.keys, args...)
-		if err := r.check(ctx, call.res.Err()); err != nil {
-			return 0, err
-		}
+		return parseVersion(call.res)
+	}
+	br := r.breakerFor(ctx, call.keys[0])
+	if err := r.allow(br); err != nil {
+		return 0, err
+	}
+	call.res = writeScript.Run(ctx, r.client, call.keys, args...)
+	if err := r.check(ctx, br, call.res.Err()); err != nil {
+		return 0, err
 	}
 	return parseVersion(call.res)
 }
@@ -263,20 +271,22 @@ var fillModes = [...]string{fillAbsent: "absent", fillSame: "same", fillWrongTyp
 // whether it was.
 func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Duration, mode fillMode, held []byte,
 	head, tail []byte, withValue bool) (version uint64, stored, published bool, err error) {
-	if err := r.breaker.allow(); err != nil {
+	rkey := r.key(key)
+	br := r.breakerFor(ctx, rkey)
+	if err := r.allow(br); err != nil {
 		return 0, false, false, err
 	}
 	with := "0"
 	if withValue {
 		with = "1"
 	}
-	reply, err := fillScript.Run(ctx, r.client, []string{r.key(key)}, env, ttl.Milliseconds(), fillModes[mode], held,
+	reply, err := fillScript.Run(ctx, r.client, []string{rkey}, env, ttl.Milliseconds(), fillModes[mode], held,
 		r.channel, head, tail, with).Slice()
 	if err == redis.Nil {
-		r.breaker.record(nil)
+		r.succeeded(br)
 		return 0, false, false, nil
 	}
-	if err := r.check(ctx, err); err != nil {
+	if err := r.check(ctx, br, err); err != nil {
 		return 0, false, false, err
 	}
 	v, _ := reply[0].(string)
@@ -300,11 +310,13 @@ const (
 // (with the time it has left), or, if the key is empty, a lease for the
 // caller, env, held for ttl.
 func (r *remote) leased(ctx context.Context, key string, env []byte, ttl time.Duration) (b []byte, state leaseState, left time.Duration, err error) {
-	if err := r.breaker.allow(); err != nil {
+	rkey := r.key(key)
+	br := r.breakerFor(ctx, rkey)
+	if err := r.allow(br); err != nil {
 		return nil, 0, 0, err
 	}
-	reply, err := leaseScript.Run(ctx, r.client, []string{r.key(key)}, env, ttl.Milliseconds()).Slice()
-	if err = r.check(ctx, err); err != nil {
+	reply, err := leaseScript.Run(ctx, r.client, []string{rkey}, env, ttl.Milliseconds()).Slice()
+	if err = r.check(ctx, br, err); err != nil {
 		return nil, 0, 0, err
 	}
 	if len(reply) == 0 {
@@ -329,28 +341,26 @@ func (r *remote) leased(ctx context.Context, key string, env []byte, ttl time.Du
 func (r *remote) release(ctx context.Context, key string, token, head, tail []byte) bool {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 	defer cancel()
-	if r.breaker.allow() != nil {
+	rkey := r.key(key)
+	br := r.breakerFor(ctx, rkey)
+	if r.allow(br) != nil {
 		return false
 	}
-	n, err := releaseScript.Run(ctx, r.client, []string{r.key(key)}, token, r.channel, head, tail).Int64()
-	return r.check(ctx, err) == nil && n == 2
+	n, err := releaseScript.Run(ctx, r.client, []string{rkey}, token, r.channel, head, tail).Int64()
+	return r.check(ctx, br, err) == nil && n == 2
 }
 
 // del deletes keys and publishes, per script call, an invalidation made of
-// head, the version and the keys of that call; it returns the number of
-// calls, and on success calls deleted with each call's keys and version.
-// On a cluster the keys are grouped by slot (a script may only touch one
-// slot) and the groups pipelined.
+// head, the version and the keys of that call; it calls deleted with each
+// call's keys and version once that call succeeded, and returns the number
+// of calls that did. On a cluster the keys are grouped by slot (a script
+// may only touch one slot); the calls of each master are pipelined, the
+// masters' pipelines run concurrently, and the error names the keys of
+// every master that failed.
 func (r *remote) del(ctx context.Context, keys []string, head []byte, deleted func(keys []string, version uint64)) (int, error) {
-	if err := r.breaker.allow(); err != nil {
-		return 0, err
-	}
-	var names [][]string // the keys of each call, without prefix
-	var groups [][]string
-	if _, ok := r.client.(*redis.ClusterClient); ok {
+	groups := [][]string{keys}
+	if r.cluster() != nil {
 		groups = groupBySlot(r.prefix, keys)
-	} else {
-		groups = [][]string{keys}
 	}
 	var calls []*scriptCall
 	for _, g := range groups {
@@ -360,44 +370,28 @@ func (r *remote) del(ctx context.Context, keys []string, head []byte, deleted fu
 				size += len(g[n])
 				n++
 			}
-			calls = append(calls, &scriptCall{deleteScript, r.keys(g[:n]), []any{r.channel, head, encodeKeys(g[:n]...)}, nil})
-			names = append(names, g[:n])
+			calls = append(calls, &scriptCall{script: deleteScript, keys: r.keys(g[:n]),
+				args: []any{r.channel, head, encodeKeys(g[:n]...)}, names: g[:n]})
 			g = g[n:]
 		}
 	}
-	var err error
-	switch {
-	case r.waitReplicas > 0:
-		err = r.waited(ctx, calls)
-	case len(calls) == 1:
-		calls[0].res = deleteScript.Run(ctx, r.client, calls[0].keys, calls[0].args...)
-		err = r.check(ctx, calls[0].res.Err())
-	default:
-		run := func(eval func(pipe redis.Pipeliner, keys []string, args ...any) *redis.Cmd) error {
-			pipe := r.client.Pipeline()
-			for _, c := range calls {
-				c.res = eval(pipe, c.keys, c.args...)
-			}
-			_, err := pipe.Exec(ctx)
-			return err
-		}
-		err = run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.EvalSha(ctx, p, k, a...) })
-		if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
-			err = run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.Eval(ctx, p, k, a...) })
-		}
-		err = r.check(ctx, err)
-	}
-	if err != nil {
-		return len(calls), err
-	}
+	errs := r.runAll(ctx, calls)
+	sent := 0
+	var failed []error
 	for i, c := range calls {
-		v, err := parseVersion(c.res)
-		if err != nil {
-			return len(calls), err
+		err := errs[i]
+		var v uint64
+		if err == nil {
+			v, err = parseVersion(c.res)
 		}
-		deleted(names[i], v)
+		if err != nil {
+			failed = append(failed, err)
+			continue
+		}
+		deleted(c.names, v)
+		sent++
 	}
-	return len(calls), nil
+	return sent, errors.Join(failed...)
 }
 
 // scriptCall is one script run: its keys share a slot.
@@ -405,67 +399,211 @@ type scriptCall struct {
 	script *redis.Script
 	keys   []string
 	args   []any
+	names  []string   // the keys without prefix, for errors; nil: keys[0] names it
 	res    *redis.Cmd // set once it was sent
 }
 
 // errNotReplicated means WAIT returned fewer replicas than asked for.
 var errNotReplicated = errors.New("write not acknowledged by enough replicas")
 
-// waited runs calls followed by a WAIT for r.waitReplicas replicas. WAIT
-// counts the replication of the writes made on its own connection, so on a
-// cluster the calls are grouped by the master of their slot and sent with
-// the WAIT in one pipeline to that master's client (which uses one
-// connection per pipeline).
-func (r *remote) waited(ctx context.Context, calls []*scriptCall) error {
-	type group struct {
-		node  *redis.Client
-		calls []*scriptCall
-	}
-	var groups []*group
-	switch c := r.client.(type) {
-	case *redis.ClusterClient:
-		byNode := make(map[*redis.Client]*group)
-		for _, call := range calls {
-			node, err := c.MasterForKey(ctx, call.keys[0])
-			if err != nil {
-				return r.check(ctx, err)
-			}
-			g := byNode[node]
-			if g == nil {
-				g = &group{node: node}
-				byNode[node] = g
-				groups = append(groups, g)
-			}
-			g.calls = append(g.calls, call)
-		}
-	case *redis.Client: // Options.withDefaults rejects other clients
-		groups = []*group{{c, calls}}
-	}
-	for _, g := range groups {
-		err := r.execWaited(ctx, g.node, g.calls)
-		if cc, ok := r.client.(*redis.ClusterClient); ok && err != nil && redis.HasErrorPrefix(err, "MOVED") {
-			// Our slot map is stale: the slot moved. go-redis follows MOVED
-			// by itself, but not on a node's own client.
-			cc.ReloadState(ctx)
-		}
-		if errors.Is(err, errNotReplicated) {
-			r.breaker.record(nil) // Redis answered
-			return fmt.Errorf("%w: %w", ErrRemoteUnavailable, err)
-		}
-		if err != nil {
-			return r.check(ctx, err)
-		}
-	}
-	r.breaker.record(nil)
-	return nil
+// callGroup is the script calls of one master, sent in one pipeline.
+type callGroup struct {
+	breaker *breaker
+	node    *redis.Client // the master's client; nil: the cache's client
+	calls   []*scriptCall
+	err     error // the calls' master could not be found
 }
 
-// execWaited sends calls and a WAIT in one pipeline on node.
-func (r *remote) execWaited(ctx context.Context, node *redis.Client, calls []*scriptCall) error {
+// runAll runs calls, grouped by master, each master's group concurrently,
+// and returns each call's error, naming what may not have happened. With
+// WaitReplicas each group ends with a WAIT on its master (see execWaited).
+func (r *remote) runAll(ctx context.Context, calls []*scriptCall) []error {
+	var groups []*callGroup
+	if cc := r.cluster(); cc == nil {
+		groups = []*callGroup{{breaker: &r.breaker, calls: calls}}
+	} else {
+		byAddr := make(map[string]*callGroup)
+		for _, c := range calls {
+			node, err := cc.MasterForKey(ctx, c.keys[0])
+			addr := ""
+			if err == nil {
+				addr = node.Options().Addr
+			}
+			g := byAddr[addr]
+			if g == nil {
+				g = &callGroup{breaker: &r.breaker, node: node, err: err}
+				if err == nil {
+					g.breaker = r.masterBreaker(addr)
+				}
+				byAddr[addr] = g
+				groups = append(groups, g)
+			}
+			g.calls = append(g.calls, c)
+		}
+	}
+	groupErrs := make([]error, len(groups))
+	if len(groups) == 1 {
+		groupErrs[0] = r.runGroup(ctx, groups[0])
+	} else {
+		var wg sync.WaitGroup
+		for i, g := range groups {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				groupErrs[i] = r.runGroup(ctx, g)
+			}()
+		}
+		wg.Wait()
+	}
+	errs := make([]error, len(calls))
+	index := make(map[*scriptCall]int, len(calls))
+	for i, c := range calls {
+		index[c] = i
+	}
+	for gi, g := range groups {
+		err := groupErrs[gi]
+		if err == nil {
+			continue
+		}
+		var names []string
+		for _, c := range g.calls {
+			if c.names != nil {
+				names = append(names, c.names...)
+			} else {
+				names = append(names, strings.TrimPrefix(c.keys[0], r.prefix))
+			}
+		}
+		done := "written"
+		if g.calls[0].script == deleteScript {
+			done = "deleted"
+		}
+		what := "may not be " + done
+		if errors.Is(err, errNotReplicated) {
+			what = "were " + done + " on their master but may not be replicated"
+		}
+		err = fmt.Errorf("keys %s %s: %w", keyList(names), what, err)
+		for _, c := range g.calls {
+			errs[index[c]] = err
+		}
+	}
+	return errs
+}
+
+// keyList quotes up to 10 keys, and counts the rest.
+func keyList(keys []string) string {
+	if len(keys) <= 10 {
+		return fmt.Sprintf("%q", keys)
+	}
+	return fmt.Sprintf("%q and %d more", keys[:10], len(keys)-10)
+}
+
+// tryAgainPauses are the pauses before each retry of calls Redis answered
+// with TRYAGAIN: a multi-key script on a slot being migrated whose keys are
+// partly moved. It is an answer, not an outage: the migration goes on, so
+// the calls are retried after a short pause (and a fresh slot map), and
+// never counted against the breaker.
+var tryAgainPauses = []time.Duration{10 * time.Millisecond, 40 * time.Millisecond, 150 * time.Millisecond}
+
+// runGroup runs the calls of one master, retrying those answered with
+// TRYAGAIN, and returns their first error.
+func (r *remote) runGroup(ctx context.Context, g *callGroup) error {
+	if err := r.allow(g.breaker); err != nil {
+		return err
+	}
+	if g.err != nil {
+		return r.check(ctx, g.breaker, g.err)
+	}
+	calls := g.calls
+	for attempt := 0; ; attempt++ {
+		var err error
+		if r.waitReplicas > 0 {
+			err = r.execWaited(ctx, g.node, calls, false, 0)
+		} else {
+			err = r.exec(ctx, calls)
+		}
+		if err == nil || !redis.HasErrorPrefix(err, "TRYAGAIN") || attempt == len(tryAgainPauses) {
+			if errors.Is(err, errNotReplicated) {
+				r.succeeded(g.breaker) // Redis answered
+				return fmt.Errorf("%w: %w", ErrRemoteUnavailable, err)
+			}
+			return r.check(ctx, g.breaker, err)
+		}
+		var again []*scriptCall
+		for _, c := range calls {
+			if c.res == nil || c.res.Err() != nil {
+				again = append(again, c)
+			}
+		}
+		calls = again
+		if cc := r.cluster(); cc != nil {
+			cc.ReloadState(ctx)
+		}
+		select {
+		case <-time.After(tryAgainPauses[attempt]):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// exec runs calls on the cache's client: one script, or a pipeline (which
+// a ClusterClient splits by node, following MOVED and ASK).
+func (r *remote) exec(ctx context.Context, calls []*scriptCall) error {
+	if len(calls) == 1 {
+		c := calls[0]
+		c.res = c.script.Run(ctx, r.client, c.keys, c.args...)
+		return c.res.Err()
+	}
+	run := func(byHash bool) error {
+		pipe := r.client.Pipeline()
+		for _, c := range calls {
+			if byHash {
+				c.res = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
+			} else {
+				c.res = c.script.Eval(ctx, pipe, c.keys, c.args...)
+			}
+		}
+		_, err := pipe.Exec(ctx)
+		return err
+	}
+	err := run(true)
+	if err != nil && noScript(calls) {
+		err = run(false)
+	}
+	return err
+}
+
+// noScript reports whether a node lacked the script of one of calls, sent
+// by hash: they must be sent again in full.
+func noScript(calls []*scriptCall) bool {
+	for _, c := range calls {
+		if redis.HasErrorPrefix(c.res.Err(), "NOSCRIPT") {
+			return true
+		}
+	}
+	return false
+}
+
+// execWaited sends calls and a WAIT for r.waitReplicas replicas in one
+// pipeline on node (nil: the cache's single-node client). WAIT counts the
+// replication of the writes made on its own connection, hence one pipeline
+// on one node's client (which uses one connection per pipeline). With
+// asking, each script is preceded by ASKING. On a cluster, the calls
+// redirected by MOVED (the slot moved: the slot map is reloaded) or ASK
+// (the slot is being migrated and the key is on the target already) are
+// sent again, with their own WAIT, to the node named, up to the client's
+// MaxRedirects times.
+func (r *remote) execWaited(ctx context.Context, node *redis.Client, calls []*scriptCall, asking bool, redirects int) error {
+	if node == nil {
+		node, _ = r.client.(*redis.Client) // Options.withDefaults rejects other clients
+	}
 	ms := max(r.waitTimeout.Milliseconds(), 1) // WAIT 0 would wait forever
 	run := func(byHash bool) (*redis.Cmd, error) {
 		pipe := node.Pipeline()
 		for _, c := range calls {
+			if asking {
+				pipe.Do(ctx, "asking")
+			}
 			if byHash {
 				c.res = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
 			} else {
@@ -477,17 +615,74 @@ func (r *remote) execWaited(ctx context.Context, node *redis.Client, calls []*sc
 		return wait, err
 	}
 	wait, err := run(true)
-	if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
+	if err != nil && noScript(calls) {
 		wait, err = run(false)
 	}
-	if err != nil {
-		return err
+	cc := r.cluster()
+	type target struct {
+		addr string
+		ask  bool
 	}
-	n, err := wait.Int64()
-	if err == nil && n < int64(r.waitReplicas) {
-		err = fmt.Errorf("%w: %d of %d within %v", errNotReplicated, n, r.waitReplicas, r.waitTimeout)
+	redirected := make(map[target][]*scriptCall)
+	var first error
+	ran := false
+	for _, c := range calls {
+		cerr := c.res.Err()
+		if cerr == nil {
+			ran = true
+			continue
+		}
+		if cc != nil && redirects < cc.Options().MaxRedirects {
+			if f := strings.Fields(cerr.Error()); len(f) == 3 && (f[0] == "MOVED" || f[0] == "ASK") {
+				tg := target{f[2], f[0] == "ASK"}
+				redirected[tg] = append(redirected[tg], c)
+				continue
+			}
+		}
+		if first == nil {
+			first = cerr
+		}
 	}
-	return err
+	if first == nil && len(redirected) == 0 && err != nil {
+		first = err // the WAIT, or the connection
+	}
+	if first == nil && ran {
+		n, werr := wait.Int64()
+		switch {
+		case werr != nil:
+			first = werr
+		case n < int64(r.waitReplicas):
+			first = fmt.Errorf("%w: %d of %d within %v", errNotReplicated, n, r.waitReplicas, r.waitTimeout)
+		}
+	}
+	errs := []error{first}
+	for tg, cs := range redirected {
+		to, err := r.masterAt(ctx, cc, tg.addr)
+		if err == nil {
+			err = r.execWaited(ctx, to, cs, tg.ask, redirects+1)
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// masterAt returns the client of the master at addr, reloading cc's slot
+// map first (a MOVED says it is stale).
+func (r *remote) masterAt(ctx context.Context, cc *redis.ClusterClient, addr string) (*redis.Client, error) {
+	var mu sync.Mutex
+	var found *redis.Client
+	err := cc.ForEachMaster(ctx, func(_ context.Context, m *redis.Client) error {
+		if m.Options().Addr == addr {
+			mu.Lock()
+			found = m
+			mu.Unlock()
+		}
+		return nil
+	})
+	if err == nil && found == nil {
+		err = fmt.Errorf("redirected to %s, which is not a master of the slot map", addr)
+	}
+	return found, err
 }
 
 func (r *remote) keys(keys []string) []string {
@@ -498,27 +693,43 @@ func (r *remote) keys(keys []string) []string {
 	return out
 }
 
-// check classifies the result of a Redis call. The caller's own
-// cancellation is returned as it is, so it is never mistaken for an outage;
-// other failures are wrapped in ErrRemoteUnavailable, and failures to reach
-// Redis at all open the breaker.
-func (r *remote) check(ctx context.Context, err error) error {
+// succeeded records that Redis answered a call guarded by b.
+func (r *remote) succeeded(b *breaker) {
+	b.record(nil)
+	if b != &r.breaker {
+		r.breaker.record(nil) // the cluster is up
+	}
+}
+
+// check classifies the result of a Redis call guarded by b. The caller's
+// own cancellation is returned as it is, so it is never mistaken for an
+// outage; other failures are wrapped in ErrRemoteUnavailable. Failures to
+// reach Redis at all open b, and so does CLUSTERDOWN for a slot not served;
+// a cluster that is down opens the cache's breaker; other answers (TRYAGAIN
+// included: a migration, not an outage) open none.
+func (r *remote) check(ctx context.Context, b *breaker, err error) error {
 	if err == nil {
-		r.breaker.record(nil)
+		r.succeeded(b)
 		return nil
 	}
 	if ctxErr := ctx.Err(); ctxErr != nil {
 		return ctxErr
 	}
 	var reply redis.Error
-	if !errors.As(err, &reply) || isClusterRedirectFailure(reply) {
+	answered := errors.As(err, &reply)
+	switch {
+	case answered && redis.HasErrorPrefix(reply, "CLUSTERDOWN Hash slot not served"):
+		b.record(err) // one master's slots, with cluster-require-full-coverage off
+	case answered && redis.HasErrorPrefix(reply, "CLUSTERDOWN"):
 		r.breaker.record(err)
-		if cc, ok := r.client.(*redis.ClusterClient); ok {
-			// A dead master refuses connections and sends no MOVED, so
-			// go-redis would keep dialing it until its periodic reload
-			// (60 s by default). Ask for a reload now; it is coalesced.
-			cc.ReloadState(ctx)
-		}
+	case !answered:
+		b.record(err)
+	}
+	if cc := r.cluster(); cc != nil && (!answered || isClusterRedirectFailure(reply)) {
+		// A dead master refuses connections and sends no MOVED, so
+		// go-redis would keep dialing it until its periodic reload
+		// (60 s by default). Ask for a reload now; it is coalesced.
+		cc.ReloadState(ctx)
 	}
 	return fmt.Errorf("%w: %w", ErrRemoteUnavailable, err)
 }
@@ -528,58 +739,4 @@ func (r *remote) check(ctx context.Context, err error) error {
 // connection does.
 func isClusterRedirectFailure(err redis.Error) bool {
 	return redis.HasErrorPrefix(err, "CLUSTERDOWN") || redis.HasErrorPrefix(err, "TRYAGAIN")
-}
-
-// breaker makes calls fail fast while Redis is unreachable, so that an
-// outage costs callers a branch instead of a connect timeout each. The
-// first failure opens it for 100 ms, doubling with each consecutive failure
-// up to 5 s; the first call after the pause tries Redis again, and a success
-// closes it.
-type breaker struct {
-	failures  atomic.Int64
-	openUntil atomic.Int64 // UnixNano
-	cause     atomic.Pointer[error]
-
-	// onRecover, if set, is called when a call succeeds after failures
-	// (at least once after every failure, sometimes more).
-	onRecover func()
-}
-
-const (
-	breakerMinPause = 100 * time.Millisecond
-	breakerMaxPause = 5 * time.Second
-)
-
-func (b *breaker) allow() error {
-	until := b.openUntil.Load()
-	if until == 0 || time.Now().UnixNano() >= until {
-		return nil
-	}
-	cause := errors.New("no answer yet")
-	if p := b.cause.Load(); p != nil {
-		cause = *p
-	}
-	return fmt.Errorf("%w: breaker open after: %w", ErrRemoteUnavailable, cause)
-}
-
-func (b *breaker) record(err error) {
-	if err == nil {
-		if b.failures.Load() == 0 && b.openUntil.Load() == 0 {
-			return
-		}
-		// Swap both: a failure recorded concurrently leaves one of them set,
-		// so the next success recovers again.
-		f, u := b.failures.Swap(0), b.openUntil.Swap(0)
-		if (f != 0 || u != 0) && b.onRecover != nil {
-			b.onRecover()
-		}
-		return
-	}
-	n := b.failures.Add(1)
-	pause := breakerMaxPause
-	if n < 8 {
-		pause = min(breakerMinPause<<(n-1), breakerMaxPause)
-	}
-	b.cause.Store(&err)
-	b.openUntil.Store(time.Now().Add(pause).UnixNano())
 }

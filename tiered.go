@@ -69,7 +69,17 @@ func newCache[V any](opts Options, clk *clock, releaseClk func()) (*Cache[V], er
 	// Values loaded while Redis failed were kept in L1 (it was all there
 	// was); once Redis answers again they must not outlive that: Redis may
 	// hold something else, and no invalidation will say so.
-	c.remote.breaker.onRecover = func() { c.sub.flush("redis answers again") }
+	// A Cluster master's breaker drops just the keys kept while it was open:
+	// other masters' keys were read from Redis as usual.
+	c.remote.breaker.onRecover = func([]string, bool) { c.sub.flush("redis answers again") }
+	c.remote.onMasterRecover = func(kept []string, all bool) {
+		if all {
+			c.sub.flush("a Redis Cluster master answers again")
+		}
+		for _, k := range kept {
+			c.local.invalidate(k)
+		}
+	}
 	c.reads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, onTimeout: c.timedOut, shared: &c.stats.shared}
 	c.loads = flight[V]{timeout: opts.LoadTimeout, onPanic: c.panicked, onTimeout: c.timedOut, shared: &c.stats.shared}
 	c.sub = acquireSubscriber(opts.Redis, opts.HeartbeatInterval, opts.Logger)
@@ -284,6 +294,7 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 			c.local.heard(k, version, nil)
 		}
 	})
+	c.stats.published.Add(uint64(sent))
 	if err != nil {
 		for _, k := range keys {
 			c.local.invalidate(k)
@@ -291,7 +302,6 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 		c.remoteFailed(err)
 		return err
 	}
-	c.stats.published.Add(uint64(sent))
 	return nil
 }
 
@@ -601,7 +611,7 @@ func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl 
 		return
 	}
 	if outage {
-		remoteExpires = min(remoteExpires, c.remote.breaker.openUntil.Load(),
+		remoteExpires = min(remoteExpires, c.remote.outage(key),
 			addSat(c.clock.now(), int64(4*c.sub.interval)))
 	}
 	if e := c.entry(key, v, notFound, size, ttl, remoteExpires, version); e != nil {
@@ -666,7 +676,7 @@ func (c *Cache[V]) subscribed() {
 // clusterChanged is called when a Redis Cluster's masters changed: where
 // Redis failed it may answer again, so stop failing fast. (Closing an open
 // breaker flushes L1 of what was loaded while Redis failed.)
-func (c *Cache[V]) clusterChanged() { c.remote.breaker.record(nil) }
+func (c *Cache[V]) clusterChanged() { c.remote.closeAll() }
 
 // invalidated applies an invalidation message from our channel, this
 // instance's own included: local.heard decides by the write's version what
