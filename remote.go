@@ -266,12 +266,7 @@ func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Dura
 	if err := r.breaker.allow(); err != nil {
 		return 0, false, false, err
 	}
-	with := "0"
-	if withValue {
-		with = "1"
-	}
-	reply, err := fillScript.Run(ctx, r.client, []string{r.key(key)}, env, ttl.Milliseconds(), fillModes[mode], held,
-		r.channel, head, tail, with).Slice()
+	reply, err := fillScript.Run(ctx, r.client, []string{r.key(key)}, r.fillArgs(env, ttl, mode, held, head, tail, withValue)...).Slice()
 	if err == redis.Nil {
 		r.breaker.record(nil)
 		return 0, false, false, nil
@@ -279,12 +274,27 @@ func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Dura
 	if err := r.check(ctx, err); err != nil {
 		return 0, false, false, err
 	}
+	version, published, err = parseFill(reply)
+	return version, err == nil, published, err
+}
+
+// fillArgs returns the ARGV of fillScript.
+func (r *remote) fillArgs(env []byte, ttl time.Duration, mode fillMode, held, head, tail []byte, withValue bool) []any {
+	with := "0"
+	if withValue {
+		with = "1"
+	}
+	return []any{env, ttl.Milliseconds(), fillModes[mode], held, r.channel, head, tail, with}
+}
+
+// parseFill reads what fillScript returned when it stored the value.
+func parseFill(reply []any) (version uint64, published bool, err error) {
 	v, _ := reply[0].(string)
 	if len(reply) != 2 || len(v) != 8 {
-		return 0, false, false, fmt.Errorf("%w: fill script returned %v", ErrRemoteUnavailable, reply)
+		return 0, false, fmt.Errorf("%w: fill script returned %v", ErrRemoteUnavailable, reply)
 	}
 	n, _ := reply[1].(int64)
-	return binary.BigEndian.Uint64([]byte(v)), true, n == 1, nil
+	return binary.BigEndian.Uint64([]byte(v)), n == 1, nil
 }
 
 // leaseState is what leased found.
@@ -307,6 +317,11 @@ func (r *remote) leased(ctx context.Context, key string, env []byte, ttl time.Du
 	if err = r.check(ctx, err); err != nil {
 		return nil, 0, 0, err
 	}
+	return parseLease(reply)
+}
+
+// parseLease reads what leaseScript returned.
+func parseLease(reply []any) (b []byte, state leaseState, left time.Duration, err error) {
 	if len(reply) == 0 {
 		return nil, 0, 0, fmt.Errorf("%w: lease script returned nothing", ErrRemoteUnavailable)
 	}
@@ -332,8 +347,13 @@ func (r *remote) release(ctx context.Context, key string, token, head, tail []by
 	if r.breaker.allow() != nil {
 		return false
 	}
-	n, err := releaseScript.Run(ctx, r.client, []string{r.key(key)}, token, r.channel, head, tail).Int64()
+	n, err := releaseScript.Run(ctx, r.client, []string{r.key(key)}, r.releaseArgs(token, head, tail)...).Int64()
 	return r.check(ctx, err) == nil && n == 2
+}
+
+// releaseArgs returns the ARGV of releaseScript.
+func (r *remote) releaseArgs(token, head, tail []byte) []any {
+	return []any{token, r.channel, head, tail}
 }
 
 // del deletes keys and publishes, per script call, an invalidation made of
@@ -373,19 +393,7 @@ func (r *remote) del(ctx context.Context, keys []string, head []byte, deleted fu
 		calls[0].res = deleteScript.Run(ctx, r.client, calls[0].keys, calls[0].args...)
 		err = r.check(ctx, calls[0].res.Err())
 	default:
-		run := func(eval func(pipe redis.Pipeliner, keys []string, args ...any) *redis.Cmd) error {
-			pipe := r.client.Pipeline()
-			for _, c := range calls {
-				c.res = eval(pipe, c.keys, c.args...)
-			}
-			_, err := pipe.Exec(ctx)
-			return err
-		}
-		err = run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.EvalSha(ctx, p, k, a...) })
-		if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
-			err = run(func(p redis.Pipeliner, k []string, a ...any) *redis.Cmd { return deleteScript.Eval(ctx, p, k, a...) })
-		}
-		err = r.check(ctx, err)
+		err = r.pipelined(ctx, calls)
 	}
 	if err != nil {
 		return len(calls), err
@@ -406,6 +414,42 @@ type scriptCall struct {
 	keys   []string
 	args   []any
 	res    *redis.Cmd // set once it was sent
+}
+
+// pipelined runs calls in one pipeline: one round trip (on a cluster, one
+// per master, in parallel). Scripts go by hash; the calls a node did not
+// have the script for are sent again by text, those alone, since a script
+// that ran must not run twice (a fill would find its own value and refuse
+// it). It returns the first failure, checked; a call's own result,
+// redis.Nil included, is in its res.
+func (r *remote) pipelined(ctx context.Context, calls []*scriptCall) error {
+	run := func(calls []*scriptCall, byHash bool) {
+		pipe := r.client.Pipeline()
+		for _, c := range calls {
+			if byHash {
+				c.res = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
+			} else {
+				c.res = c.script.Eval(ctx, pipe, c.keys, c.args...)
+			}
+		}
+		_, _ = pipe.Exec(ctx) // every call's error is in its res
+	}
+	run(calls, true)
+	var again []*scriptCall
+	for _, c := range calls {
+		if redis.HasErrorPrefix(c.res.Err(), "NOSCRIPT") {
+			again = append(again, c)
+		}
+	}
+	if len(again) > 0 {
+		run(again, false)
+	}
+	for _, c := range calls {
+		if err := c.res.Err(); err != nil && err != redis.Nil {
+			return r.check(ctx, err)
+		}
+	}
+	return r.check(ctx, nil)
 }
 
 // errNotReplicated means WAIT returned fewer replicas than asked for.
