@@ -206,6 +206,7 @@ func TestCluster(t *testing.T) {
 	t.Run("ReadsWritesDeletes", func(t *testing.T) { testClusterReadsWritesDeletes(t, tc) })
 	t.Run("Invalidation", func(t *testing.T) { testClusterInvalidation(t, tc) })
 	t.Run("WaitReplicas", func(t *testing.T) { testClusterWaitReplicas(t, tc) })
+	t.Run("Batch", func(t *testing.T) { testClusterBatch(t, tc) })
 	t.Run("Failover", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{}) })
 	tc.restartStopped(t)
 	t.Run("FailoverLosingWrites", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{stallReplica: true}) })
