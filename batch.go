@@ -253,9 +253,9 @@ func (c *Cache[V]) leadMany(ctx context.Context, ks []*batchKey[V],
 			k.resolved = true
 		case k.res == fetchFailed && ctx.Err() != nil:
 			// Our caller gave up; not an outage. Callers who joined the
-			// flight start over.
+			// flight start over (and so does this call, which finds ctx
+			// done).
 			c.loads.finish(k.key, k.call, v, SourceNone, ctx.Err(), true)
-			k.resolved = true
 		case k.res == fetchLeased:
 			c.loads.detach(ctx, k.key, k.call, readThenLoad(c.loadRead(k.key, k.t, loadOne(load), k.localTTL, k.remoteTTL)))
 		default: // fetchMiss, fetchCorrupt, or fetchFailed: Redis is down

@@ -734,3 +734,34 @@ func testClusterBatch(t *testing.T, tc *testCluster) {
 	got, err = a.GetMany(ctx, cold)
 	wantMap(t, "GetMany of the loaded keys on the other instance", got, err, valuesOf(cold...))
 }
+
+// cancelOnPipeline cancels a context when a pipeline is sent.
+type cancelOnPipeline struct{ cancel context.CancelFunc }
+
+func (h cancelOnPipeline) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h cancelOnPipeline) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h cancelOnPipeline) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.cancel()
+		return next(ctx, cmds)
+	}
+}
+
+// A caller whose context ends during the batch's read gets its context's
+// error, not a load: it was not an outage.
+func TestGetOrLoadManyCancelledDuringItsReadDoesNotLoad(t *testing.T) {
+	_, rdb := newMiniredis(t)
+	c := newTestCache[string](t, rdb, Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	rdb.AddHook(cancelOnPipeline{cancel})
+	l := &batchLoader{}
+	if _, err := c.GetOrLoadMany(ctx, []string{"a", "b"}, l.load); !errors.Is(err, context.Canceled) {
+		t.Errorf("GetOrLoadMany cancelled during its read: %v; want context.Canceled", err)
+	}
+	if len(l.asked()) != 0 {
+		t.Errorf("the loader was asked for %v; want no load", l.asked())
+	}
+	if s := c.Stats(); s.RemoteErrors != 0 {
+		t.Errorf("RemoteErrors = %d; a cancelled read is not a Redis failure", s.RemoteErrors)
+	}
+}
