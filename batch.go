@@ -141,9 +141,10 @@ func (c *Cache[V]) usableKeys(keys []string) error {
 // once each, with their tickets.
 func (c *Cache[V]) missesOf(keys []string, out map[string]V, opts []ItemOption) []*batchKey[V] {
 	var misses []*batchKey[V]
-	var seen map[string]bool // made at the first miss: hits cost only out
-	for _, k := range keys {
-		if _, ok := out[k]; ok || seen[k] {
+	var slab []batchKey[V]   // the misses, in one allocation
+	var seen map[string]bool // made at the first miss, like slab: hits cost only out
+	for i, k := range keys {
+		if seen[k] {
 			continue
 		}
 		if e, ok := c.local.get(k); ok {
@@ -154,10 +155,12 @@ func (c *Cache[V]) missesOf(keys []string, out map[string]V, opts []ItemOption) 
 		}
 		if seen == nil {
 			seen = make(map[string]bool)
+			slab = make([]batchKey[V], 0, len(keys)-i)
 		}
 		seen[k] = true
 		c.missed()
-		b := &batchKey[V]{key: k}
+		slab = append(slab, batchKey[V]{key: k})
+		b := &slab[len(slab)-1]
 		b.localTTL, b.remoteTTL, _ = c.ttls(k, opts) // opts were checked
 		b.t = c.local.begin(k)
 		misses = append(misses, b)
