@@ -67,7 +67,9 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 // load is called once, with each missing key once, and never with a key
 // that a concurrent GetOrLoad or GetOrLoadMany in this process is loading:
 // that key's result is waited for and used. Keys another instance holds the
-// lease of are waited for, not loaded (see the package documentation). A
+// lease of are waited for, not loaded (see the package documentation); if
+// that instance's load fails, this call takes the lease over and loads the
+// key by one more call of load, with that key alone, as GetOrLoad would. A
 // key load leaves out of its map is not found: absent from the result, and
 // remembered for Options.NegativeTTL if set (load returning an error
 // wrapping ErrNotFound means that none was found). Loaded values are
