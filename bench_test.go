@@ -88,7 +88,7 @@ func BenchmarkTiers(b *testing.B) {
 	env := newBenchEnv(b)
 	for _, mode := range []string{"serial", "parallel"} {
 		b.Run(mode, func(b *testing.B) {
-			for _, bm := range env.benchmarks() {
+			for _, bm := range append(env.benchmarks(), env.batchBenchmarks()...) {
 				b.Run(bm.name, func(b *testing.B) {
 					b.ReportAllocs()
 					if bm.pair != nil {

@@ -32,17 +32,30 @@ func keySlot(key string) uint16 {
 // cluster slot, keeping the order of first appearance. The groups hold the
 // keys without prefix.
 func groupBySlot(prefix string, keys []string) [][]string {
-	index := make(map[uint16]int)
 	var groups [][]string
-	for _, k := range keys {
+	for _, g := range slotIndexes(prefix, keys) {
+		group := make([]string, len(g))
+		for i, j := range g {
+			group[i] = keys[j]
+		}
+		groups = append(groups, group)
+	}
+	return groups
+}
+
+// slotIndexes is groupBySlot by index into keys.
+func slotIndexes(prefix string, keys []string) [][]int {
+	index := make(map[uint16]int)
+	var groups [][]int
+	for i, k := range keys {
 		s := keySlot(prefix + k)
-		i, ok := index[s]
+		g, ok := index[s]
 		if !ok {
-			i = len(groups)
-			index[s] = i
+			g = len(groups)
+			index[s] = g
 			groups = append(groups, nil)
 		}
-		groups[i] = append(groups[i], k)
+		groups[g] = append(groups[g], i)
 	}
 	return groups
 }

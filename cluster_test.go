@@ -215,6 +215,7 @@ func TestCluster(t *testing.T) {
 	t.Run("ReadsWritesDeletes", func(t *testing.T) { testClusterReadsWritesDeletes(t, tc) })
 	t.Run("Invalidation", func(t *testing.T) { testClusterInvalidation(t, tc) })
 	t.Run("WaitReplicas", func(t *testing.T) { testClusterWaitReplicas(t, tc) })
+	t.Run("Batch", func(t *testing.T) { testClusterBatch(t, tc) })
 	t.Run("StalledBusLink", func(t *testing.T) { testClusterStalledBus(t, tc) })
 	t.Run("Migration", func(t *testing.T) { testClusterMigration(t, tc) })
 	t.Run("HungMaster", func(t *testing.T) { testClusterHungMaster(t, tc) })

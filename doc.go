@@ -18,6 +18,17 @@
 // message arrives, or, if a Set's small value came with it, replaces the
 // old value with it.
 //
+// # Batch reads
+//
+// GetMany and GetOrLoadMany read many keys in one call: L1 hits first, then
+// every L1 miss in one Redis round trip (MGETs, or the lease script per
+// key, pipelined; on a cluster, one pipeline per master, in parallel), one
+// loader call for the keys neither tier has, and one round trip to write
+// them back. Each key goes through the steps of GetOrLoad (ticket, flight,
+// lease, fenced write-back), so every rule below holds per key, and a key a
+// concurrent GetOrLoad or GetOrLoadMany is loading is waited for, not
+// loaded again.
+//
 // # Consistency
 //
 // Once the messages published before a read began have reached an

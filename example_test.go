@@ -428,3 +428,63 @@ func ExampleWithLocalTTL() {
 }
 
 func loadRegion(ctx context.Context, key string) (string, error) { return "eu-west", nil }
+
+// A list endpoint reads a page of products in one call: the L1 hits cost
+// nothing, the rest is one Redis round trip, and what neither tier has is
+// one database query (here a map), written back in one round trip.
+func ExampleCache_GetOrLoadMany() {
+	mr, err := miniredis.Run() // an embedded Redis, for the example
+	if err != nil {
+		panic(err)
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+	products, err := tiered.New[string](tiered.Options{Redis: rdb, Namespace: "products:v1", NegativeTTL: time.Minute})
+	if err != nil {
+		panic(err)
+	}
+	defer products.Close()
+
+	db := map[string]string{"p1": "kettle", "p2": "teapot", "p3": "mug"}
+	// One query for every key neither tier has (SELECT ... WHERE id IN
+	// (...)). A key it leaves out is not found: with NegativeTTL, that is
+	// remembered and not asked for again.
+	queries := 0
+	loadProducts := func(_ context.Context, ids []string) (map[string]string, error) {
+		queries++
+		found := make(map[string]string, len(ids))
+		for _, id := range ids {
+			if name, ok := db[id]; ok {
+				found[id] = name
+			}
+		}
+		return found, nil
+	}
+	listPage := func(ctx context.Context, ids []string) []string {
+		byID, err := products.GetOrLoadMany(ctx, ids, loadProducts)
+		if err != nil {
+			// The database failed: byID holds what the cache had.
+			fmt.Println("partial page:", err)
+		}
+		var names []string
+		for _, id := range ids {
+			if name, ok := byID[id]; ok {
+				names = append(names, name)
+			}
+		}
+		return names
+	}
+
+	ctx := context.Background()
+	fmt.Println(listPage(ctx, []string{"p1", "p2", "gone"}), queries)
+	fmt.Println(listPage(ctx, []string{"p1", "p2", "p3", "gone"}), queries) // only p3 is queried
+
+	// GetMany reads without loading.
+	cached, err := products.GetMany(ctx, []string{"p3", "p4"})
+	fmt.Println(cached, err)
+	// Output:
+	// [kettle teapot] 1
+	// [kettle teapot mug] 2
+	// map[p3:mug] <nil>
+}

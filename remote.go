@@ -220,7 +220,7 @@ func (r *remote) write(ctx context.Context, key string, env []byte, ttl time.Dur
 	}
 	call := &scriptCall{script: writeScript, keys: []string{r.key(key)}, args: args}
 	if r.waitReplicas > 0 {
-		if errs := r.runAll(ctx, []*scriptCall{call}); errs[0] != nil {
+		if errs := r.runAll(ctx, []*scriptCall{call}, true); errs[0] != nil {
 			return 0, errs[0]
 		}
 		return parseVersion(call.res)
@@ -276,12 +276,7 @@ func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Dura
 	if err := r.allow(br); err != nil {
 		return 0, false, false, err
 	}
-	with := "0"
-	if withValue {
-		with = "1"
-	}
-	reply, err := fillScript.Run(ctx, r.client, []string{rkey}, env, ttl.Milliseconds(), fillModes[mode], held,
-		r.channel, head, tail, with).Slice()
+	reply, err := fillScript.Run(ctx, r.client, []string{rkey}, r.fillArgs(env, ttl, mode, held, head, tail, withValue)...).Slice()
 	if err == redis.Nil {
 		r.succeeded(br)
 		return 0, false, false, nil
@@ -289,12 +284,27 @@ func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Dura
 	if err := r.check(ctx, br, err); err != nil {
 		return 0, false, false, err
 	}
+	version, published, err = parseFill(reply)
+	return version, err == nil, published, err
+}
+
+// fillArgs returns the ARGV of fillScript.
+func (r *remote) fillArgs(env []byte, ttl time.Duration, mode fillMode, held, head, tail []byte, withValue bool) []any {
+	with := "0"
+	if withValue {
+		with = "1"
+	}
+	return []any{env, ttl.Milliseconds(), fillModes[mode], held, r.channel, head, tail, with}
+}
+
+// parseFill reads what fillScript returned when it stored the value.
+func parseFill(reply []any) (version uint64, published bool, err error) {
 	v, _ := reply[0].(string)
 	if len(reply) != 2 || len(v) != 8 {
-		return 0, false, false, fmt.Errorf("%w: fill script returned %v", ErrRemoteUnavailable, reply)
+		return 0, false, fmt.Errorf("%w: fill script returned %v", ErrRemoteUnavailable, reply)
 	}
 	n, _ := reply[1].(int64)
-	return binary.BigEndian.Uint64([]byte(v)), true, n == 1, nil
+	return binary.BigEndian.Uint64([]byte(v)), n == 1, nil
 }
 
 // leaseState is what leased found.
@@ -319,6 +329,11 @@ func (r *remote) leased(ctx context.Context, key string, env []byte, ttl time.Du
 	if err = r.check(ctx, br, err); err != nil {
 		return nil, 0, 0, err
 	}
+	return parseLease(reply)
+}
+
+// parseLease reads what leaseScript returned.
+func parseLease(reply []any) (b []byte, state leaseState, left time.Duration, err error) {
 	if len(reply) == 0 {
 		return nil, 0, 0, fmt.Errorf("%w: lease script returned nothing", ErrRemoteUnavailable)
 	}
@@ -346,8 +361,13 @@ func (r *remote) release(ctx context.Context, key string, token, head, tail []by
 	if r.allow(br) != nil {
 		return false
 	}
-	n, err := releaseScript.Run(ctx, r.client, []string{rkey}, token, r.channel, head, tail).Int64()
+	n, err := releaseScript.Run(ctx, r.client, []string{rkey}, r.releaseArgs(token, head, tail)...).Int64()
 	return r.check(ctx, br, err) == nil && n == 2
+}
+
+// releaseArgs returns the ARGV of releaseScript.
+func (r *remote) releaseArgs(token, head, tail []byte) []any {
+	return []any{token, r.channel, head, tail}
 }
 
 // del deletes keys and publishes, per script call, an invalidation made of
@@ -375,7 +395,7 @@ func (r *remote) del(ctx context.Context, keys []string, head []byte, deleted fu
 			g = g[n:]
 		}
 	}
-	errs := r.runAll(ctx, calls)
+	errs := r.runAll(ctx, calls, r.waitReplicas > 0)
 	sent := 0
 	var failed []error
 	for i, c := range calls {
@@ -415,9 +435,10 @@ type callGroup struct {
 }
 
 // runAll runs calls, grouped by master, each master's group concurrently,
-// and returns each call's error, naming what may not have happened. With
-// WaitReplicas each group ends with a WAIT on its master (see execWaited).
-func (r *remote) runAll(ctx context.Context, calls []*scriptCall) []error {
+// and returns each call's error; for writes and deletes the error names
+// what may not have happened. With waited each group ends with a WAIT for
+// Options.WaitReplicas replicas on its master (see execWaited).
+func (r *remote) runAll(ctx context.Context, calls []*scriptCall, waited bool) []error {
 	var groups []*callGroup
 	if cc := r.cluster(); cc == nil {
 		groups = []*callGroup{{breaker: &r.breaker, calls: calls}}
@@ -443,14 +464,14 @@ func (r *remote) runAll(ctx context.Context, calls []*scriptCall) []error {
 	}
 	groupErrs := make([]error, len(groups))
 	if len(groups) == 1 {
-		groupErrs[0] = r.runGroup(ctx, groups[0])
+		groupErrs[0] = r.runGroup(ctx, groups[0], waited)
 	} else {
 		var wg sync.WaitGroup
 		for i, g := range groups {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				groupErrs[i] = r.runGroup(ctx, g)
+				groupErrs[i] = r.runGroup(ctx, g, waited)
 			}()
 		}
 		wg.Wait()
@@ -473,15 +494,20 @@ func (r *remote) runAll(ctx context.Context, calls []*scriptCall) []error {
 				names = append(names, strings.TrimPrefix(c.keys[0], r.prefix))
 			}
 		}
-		done := "written"
-		if g.calls[0].script == deleteScript {
+		done := ""
+		switch g.calls[0].script {
+		case writeScript:
+			done = "written"
+		case deleteScript:
 			done = "deleted"
 		}
-		what := "may not be " + done
-		if errors.Is(err, errNotReplicated) {
-			what = "were " + done + " on their master but may not be replicated"
+		if done != "" {
+			what := "may not be " + done
+			if errors.Is(err, errNotReplicated) {
+				what = "were " + done + " on their master but may not be replicated"
+			}
+			err = fmt.Errorf("keys %s %s: %w", keyList(names), what, err)
 		}
-		err = fmt.Errorf("keys %s %s: %w", keyList(names), what, err)
 		for _, c := range g.calls {
 			errs[index[c]] = err
 		}
@@ -504,9 +530,10 @@ func keyList(keys []string) string {
 // never counted against the breaker.
 var tryAgainPauses = []time.Duration{10 * time.Millisecond, 40 * time.Millisecond, 150 * time.Millisecond}
 
-// runGroup runs the calls of one master, retrying those answered with
-// TRYAGAIN, and returns their first error.
-func (r *remote) runGroup(ctx context.Context, g *callGroup) error {
+// runGroup runs the calls of one master, with a WAIT if waited, retrying
+// those answered with TRYAGAIN, and returns their first error (a script's
+// nil reply, such as a refused fill, is an answer, not an error).
+func (r *remote) runGroup(ctx context.Context, g *callGroup, waited bool) error {
 	if err := r.allow(g.breaker); err != nil {
 		return err
 	}
@@ -516,7 +543,7 @@ func (r *remote) runGroup(ctx context.Context, g *callGroup) error {
 	calls := g.calls
 	for attempt := 0; ; attempt++ {
 		var err error
-		if r.waitReplicas > 0 {
+		if waited {
 			err = r.execWaited(ctx, g.node, calls, false, 0)
 		} else {
 			err = r.exec(ctx, calls)
@@ -530,7 +557,7 @@ func (r *remote) runGroup(ctx context.Context, g *callGroup) error {
 		}
 		var again []*scriptCall
 		for _, c := range calls {
-			if c.res == nil || c.res.Err() != nil {
+			if redis.HasErrorPrefix(c.res.Err(), "TRYAGAIN") {
 				again = append(again, c)
 			}
 		}
@@ -547,14 +574,18 @@ func (r *remote) runGroup(ctx context.Context, g *callGroup) error {
 }
 
 // exec runs calls on the cache's client: one script, or a pipeline (which
-// a ClusterClient splits by node, following MOVED and ASK).
+// a ClusterClient splits by node, following MOVED and ASK). Scripts go by
+// hash; the calls a node did not have the script for are sent again by
+// text, those alone: a script that ran must not run twice (a fill would
+// find its own value and refuse it). It returns the first error, a nil
+// reply aside; each call's own result, redis.Nil included, is in its res.
 func (r *remote) exec(ctx context.Context, calls []*scriptCall) error {
 	if len(calls) == 1 {
 		c := calls[0]
 		c.res = c.script.Run(ctx, r.client, c.keys, c.args...)
-		return c.res.Err()
+		return firstErr(calls)
 	}
-	run := func(byHash bool) error {
+	run := func(calls []*scriptCall, byHash bool) {
 		pipe := r.client.Pipeline()
 		for _, c := range calls {
 			if byHash {
@@ -563,18 +594,34 @@ func (r *remote) exec(ctx context.Context, calls []*scriptCall) error {
 				c.res = c.script.Eval(ctx, pipe, c.keys, c.args...)
 			}
 		}
-		_, err := pipe.Exec(ctx)
-		return err
+		_, _ = pipe.Exec(ctx) // every call's error is in its res
 	}
-	err := run(true)
-	if err != nil && noScript(calls) {
-		err = run(false)
+	run(calls, true)
+	var again []*scriptCall
+	for _, c := range calls {
+		if redis.HasErrorPrefix(c.res.Err(), "NOSCRIPT") {
+			again = append(again, c)
+		}
 	}
-	return err
+	if len(again) > 0 {
+		run(again, false)
+	}
+	return firstErr(calls)
+}
+
+// firstErr returns the first error of calls' replies, a nil reply aside.
+func firstErr(calls []*scriptCall) error {
+	for _, c := range calls {
+		if err := c.res.Err(); err != nil && err != redis.Nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // noScript reports whether a node lacked the script of one of calls, sent
-// by hash: they must be sent again in full.
+// by hash: execWaited sends them all again in full, WAIT included (a
+// write or delete that ran twice only takes one more version).
 func noScript(calls []*scriptCall) bool {
 	for _, c := range calls {
 		if redis.HasErrorPrefix(c.res.Err(), "NOSCRIPT") {

@@ -95,29 +95,50 @@ type flightLoad[V any] func(ctx context.Context) (V, error)
 // shared: callers must treat it as read-only.
 func (f *flight[V]) do(ctx context.Context, key string, t ticket, read flightRead[V]) (V, Source, error) {
 	for {
-		f.mu.Lock()
-		c, ok := f.calls[key]
-		if !ok || c.gen < t.gen || c.epoch < t.epoch {
-			c = &flightCall[V]{gen: t.gen, epoch: t.epoch}
-			if f.calls == nil {
-				f.calls = make(map[string]*flightCall[V])
-			}
-			f.calls[key] = c
-			f.mu.Unlock()
+		c, led := f.claim(key, t)
+		if led {
 			return f.lead(ctx, key, c, read)
 		}
-		done := f.waitOn(c)
-		f.mu.Unlock()
-		select {
-		case <-done:
-		case <-ctx.Done():
+		if err := f.wait(ctx, c); err != nil {
 			var zero V
-			return zero, SourceNone, ctx.Err()
+			return zero, SourceNone, err
 		}
 		if !c.abandoned {
 			f.shared.Add(1)
 			return c.val, c.src, c.err
 		}
+	}
+}
+
+// claim returns the flight in progress for key that began under t or later,
+// which the caller joins (and waits on), or else a new one, registered in
+// its place, that the caller leads (led): it must finish it.
+func (f *flight[V]) claim(key string, t ticket) (c *flightCall[V], led bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c, ok := f.calls[key]
+	if ok && c.gen >= t.gen && c.epoch >= t.epoch {
+		f.waitOn(c)
+		return c, false
+	}
+	c = &flightCall[V]{gen: t.gen, epoch: t.epoch}
+	if f.calls == nil {
+		f.calls = make(map[string]*flightCall[V])
+	}
+	f.calls[key] = c
+	return c, true
+}
+
+// wait returns once c has finished (nil), or ctx has ended (its error).
+func (f *flight[V]) wait(ctx context.Context, c *flightCall[V]) error {
+	f.mu.Lock()
+	done := f.waitOn(c)
+	f.mu.Unlock()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -129,20 +150,15 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 	})
 	switch {
 	case load != nil:
-		f.mu.Lock()
-		done := f.waitOn(c)
-		f.mu.Unlock()
 		f.detach(ctx, key, c, func(ctx context.Context) (V, Source, error) {
 			v, err := load(ctx)
 			return v, SourceLoader, err
 		})
-		select {
-		case <-done:
-			return c.val, c.src, c.err
-		case <-ctx.Done():
+		if err := f.wait(ctx, c); err != nil {
 			var zero V
-			return zero, SourceNone, ctx.Err()
+			return zero, SourceNone, err
 		}
+		return c.val, c.src, c.err
 	case err != nil && errors.Is(err, ctx.Err()):
 		f.mu.Lock()
 		waited := c.done != nil
@@ -151,14 +167,7 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 			f.finish(key, c, v, SourceNone, err, true)
 			return v, SourceNone, err
 		}
-		f.detach(ctx, key, c, func(ctx context.Context) (V, Source, error) {
-			v, load, err := read(ctx)
-			if load != nil {
-				v, err = load(ctx)
-				return v, SourceLoader, err
-			}
-			return v, SourceRemote, err
-		})
+		f.detach(ctx, key, c, readThenLoad(read))
 		return v, SourceNone, err
 	default:
 		f.finish(key, c, v, SourceRemote, err, false)
@@ -172,11 +181,7 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 func (f *flight[V]) detach(ctx context.Context, key string, c *flightCall[V], work func(context.Context) (V, Source, error)) {
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.timeout)
 	stop := context.AfterFunc(dctx, func() {
-		err := fmt.Errorf("tiered: no result for key %q within LoadTimeout (%v): %w", key, f.timeout, context.DeadlineExceeded)
-		var zero V
-		if f.finish(key, c, zero, SourceNone, err, false) {
-			f.onTimeout(err)
-		}
+		f.expire(key, c)
 	})
 	go func() {
 		defer cancel()
@@ -190,22 +195,54 @@ func (f *flight[V]) detach(ctx context.Context, key string, c *flightCall[V], wo
 	}()
 }
 
+// readThenLoad returns the whole work of a flight, its read and the load
+// the read may return, for a goroutine of its own.
+func readThenLoad[V any](read flightRead[V]) func(context.Context) (V, Source, error) {
+	return func(ctx context.Context) (V, Source, error) {
+		v, load, err := read(ctx)
+		if load != nil {
+			v, err = load(ctx)
+			return v, SourceLoader, err
+		}
+		return v, SourceRemote, err
+	}
+}
+
+// expire finishes flight c with the error of a flight that had no result
+// within the timeout, unless it has a result already.
+func (f *flight[V]) expire(key string, c *flightCall[V]) {
+	err := fmt.Errorf("tiered: no result for key %q within LoadTimeout (%v): %w", key, f.timeout, context.DeadlineExceeded)
+	var zero V
+	if f.finish(key, c, zero, SourceNone, err, false) {
+		f.onTimeout(err)
+	}
+}
+
 // guard runs work and turns a panic into an error wrapping ErrLoaderPanic.
-func (f *flight[V]) guard(work func() (V, error)) (v V, err error) {
+func (f *flight[V]) guard(work func() (V, error)) (V, error) {
+	return guard(f.onPanic, work)
+}
+
+// guard runs work and turns a panic into an error wrapping ErrLoaderPanic,
+// which it passes to onPanic.
+func guard[T any](onPanic func(error), work func() (T, error)) (v T, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("%w: %v\n%s", ErrLoaderPanic, p, debug.Stack())
-			f.onPanic(err)
+			onPanic(err)
 		}
 	}()
 	return work()
 }
 
-// waitOn returns the channel that is closed when c finishes. f.mu must be
-// held.
+// waitOn returns the channel that is closed when c finishes (closed
+// already if it has). f.mu must be held.
 func (f *flight[V]) waitOn(c *flightCall[V]) chan struct{} {
 	if c.done == nil {
 		c.done = make(chan struct{})
+		if c.finished {
+			close(c.done)
+		}
 	}
 	return c.done
 }

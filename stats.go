@@ -18,6 +18,10 @@ type Stats struct {
 	// error wrapping context.DeadlineExceeded. Also counted in LoadErrors.
 	LoadTimeouts uint64
 	Shared       uint64 // callers that got the result of a load or read another caller started
+	// BatchCalls counts GetMany and GetOrLoadMany calls. Their keys are
+	// counted in the other counters as the single-key calls would count
+	// them (a batch of 100 L1 misses is 100 LocalMisses, its load 100 Loads).
+	BatchCalls uint64
 
 	// Leases (Options.LoadLease): one load per key per fleet, fenced.
 	LeasesGranted   uint64 // misses of both tiers that took the key's lease and loaded it
@@ -54,4 +58,5 @@ type counters struct {
 	corrupt, encodeErrors, tooLarge atomic.Uint64
 	published, received, keysInval  atomic.Uint64
 	bypassed, shared, keysReplaced  atomic.Uint64
+	batchCalls                      atomic.Uint64
 }

@@ -192,8 +192,16 @@ func (c *Cache[V]) loadMiss(ctx context.Context, key string,
 	}
 	c.missed()
 	t := c.local.begin(key)
-	return c.loads.do(ctx, key, t, func(ctx context.Context) (V, flightLoad[V], error) {
-		var v V
+	return c.loads.do(ctx, key, t, c.loadRead(key, t, load, localTTL, remoteTTL))
+}
+
+// loadRead returns GetOrLoad's part of the flight of key, begun under t:
+// read Redis (with leases: taking the key's lease or waiting for another
+// instance's load), and return the load to run if Redis has no value.
+func (c *Cache[V]) loadRead(key string, t ticket, load func(ctx context.Context, key string) (V, error),
+	localTTL, remoteTTL time.Duration) flightRead[V] {
+	return func(ctx context.Context) (V, flightLoad[V], error) {
+		var zero, v V
 		var res fetchResult
 		var found held
 		var token []byte
@@ -216,7 +224,7 @@ func (c *Cache[V]) loadMiss(ctx context.Context, key string,
 		return zero, func(ctx context.Context) (V, error) {
 			return c.load(ctx, key, t, load, res, found, localTTL, remoteTTL)
 		}, nil
-	})
+	}
 }
 
 // Set stores v under key in Redis and in this instance's L1, and tells every
@@ -356,6 +364,7 @@ func (c *Cache[V]) Stats() Stats {
 		LeaseTakeovers:         s.leaseTakeovers.Load(),
 		FenceRejections:        s.fenceRejections.Load(),
 		Shared:                 s.shared.Load(),
+		BatchCalls:             s.batchCalls.Load(),
 		RemoteErrors:           s.remoteErrors.Load(),
 		CorruptValues:          s.corrupt.Load(),
 		EncodeErrors:           s.encodeErrors.Load(),
@@ -443,25 +452,47 @@ func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL tim
 		b, present, err = c.remote.get(ctx, key)
 	} else {
 		var state leaseState
-		ours := encodeEnvelope(kindLease, addSat(c.clock.now(), int64(c.opts.LoadLease)), token)
-		b, state, lease.left, err = c.remote.leased(ctx, key, ours, c.opts.LoadLease)
-		switch {
-		case err == nil && state == leaseWrongType:
-			err = errWrongType
-		case err == nil:
-			present = state == leaseFound
-		}
+		b, state, lease.left, err = c.remote.leased(ctx, key, c.leaseEnvelope(token), c.opts.LoadLease)
+		present, err = leaseRead(state, err)
 	}
+	v, res, found, lease.version, err = c.fetched(key, t, localTTL, b, present, err, token != nil)
+	return v, res, found, lease, err
+}
+
+// leaseEnvelope returns the lease of token, as a read for a load stores it.
+func (c *Cache[V]) leaseEnvelope(token []byte) []byte {
+	return encodeEnvelope(kindLease, addSat(c.clock.now(), int64(c.opts.LoadLease)), token)
+}
+
+// leaseRead turns what a lease read found into what fetched takes: present
+// if a value or another's lease came back, errWrongType for another Redis
+// type (and neither for a lease granted).
+func leaseRead(state leaseState, err error) (present bool, _ error) {
+	switch {
+	case err == nil && state == leaseWrongType:
+		return false, errWrongType
+	case err == nil:
+		return state == leaseFound, nil
+	}
+	return false, err
+}
+
+// fetched is what fetch makes of a read of key: b if present, or the read's
+// error. A value (or a remembered not-found) is kept in L1 under t. With
+// leased (a read for a load), another load's lease is fetchLeased, with
+// its version; without, it is a miss.
+func (c *Cache[V]) fetched(key string, t ticket, localTTL time.Duration, b []byte, present bool, err error, leased bool) (
+	v V, res fetchResult, found held, leaseVersion uint64, _ error) {
 	switch {
 	case errors.Is(err, errWrongType):
 		c.corrupted(key, err)
-		return v, fetchCorrupt, held{mode: fillWrongType}, lease, nil
+		return v, fetchCorrupt, held{mode: fillWrongType}, 0, nil
 	case err != nil:
 		c.remoteFailed(err)
-		return v, fetchFailed, held{}, lease, err
+		return v, fetchFailed, held{}, 0, err
 	case !present:
 		c.stats.remoteMisses.Add(1)
-		return v, fetchMiss, held{}, lease, nil
+		return v, fetchMiss, held{}, 0, nil
 	}
 	env, err := decodeEnvelope(b)
 	if err == nil && env.kind == kindValue {
@@ -470,20 +501,19 @@ func (c *Cache[V]) fetch(ctx context.Context, key string, t ticket, localTTL tim
 	switch {
 	case err != nil:
 		c.corrupted(key, err)
-		return v, fetchCorrupt, held{mode: fillSame, value: b}, lease, nil
-	case env.isLease() && token != nil:
-		lease.version = env.version
-		return v, fetchLeased, held{}, lease, nil
+		return v, fetchCorrupt, held{mode: fillSame, value: b}, 0, nil
+	case env.isLease() && leased:
+		return v, fetchLeased, held{}, env.version, nil
 	case env.isLease():
 		c.stats.remoteMisses.Add(1) // another instance is loading it
-		return v, fetchMiss, held{}, lease, nil
+		return v, fetchMiss, held{}, 0, nil
 	}
 	c.stats.remoteHits.Add(1)
 	c.keep(key, t, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false)
 	if env.kind == kindNotFound {
-		return v, fetchNotFound, held{}, lease, nil
+		return v, fetchNotFound, held{}, 0, nil
 	}
-	return v, fetchHit, held{}, lease, nil
+	return v, fetchHit, held{}, 0, nil
 }
 
 // held is what a read found in Redis that a load may replace.
@@ -531,68 +561,111 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 	}
 	notFound := errors.Is(err, ErrNotFound)
 	switch {
-	case notFound && c.opts.NegativeTTL > 0:
-		remoteTTL = c.opts.NegativeTTL
-		localTTL = min(localTTL, c.opts.NegativeTTL)
-	case notFound:
+	case notFound && c.opts.NegativeTTL == 0:
 		return v, err
-	case err != nil:
+	case err != nil && !notFound:
 		c.stats.loadErrors.Add(1)
 		return v, err
 	}
-	var b []byte
+	w, ok := c.encodeLoaded(key, v, notFound, localTTL, remoteTTL)
+	if !ok {
+		return v, nil
+	}
+	// Redis did not answer the read: do not wait for it again.
+	outage := res == fetchFailed
+	var r fillReply
+	if !outage {
+		r.version, r.stored, r.published, r.err = c.remote.fill(ctx, key, w.env, w.ttl, found.mode, found.value,
+			messageHead(w.msg, c.id), encodeKeys(key), w.msg == msgValue)
+	}
+	settled = c.filled(ctx, key, t, &w, found.mode, r, outage)
+	if notFound {
+		return w.v, ErrNotFound
+	}
+	return w.v, nil
+}
+
+// backfill is a loaded value, or a not-found to remember, encoded for its
+// write-back.
+type backfill[V any] struct {
+	v        V // as the Codec reads it back: what every other caller and instance will get
+	notFound bool
+	size     int    // of the encoded value
+	env      []byte // the envelope to store
+	msg      byte   // the kind of the message that wakes instances waiting for it
+	ttl      time.Duration
+	expires  int64
+	localTTL time.Duration
+}
+
+// encodeLoaded returns the write-back of v, loaded for key (with notFound:
+// a not-found, kept for NegativeTTL), or false if v cannot be encoded: it
+// is then returned uncached.
+func (c *Cache[V]) encodeLoaded(key string, v V, notFound bool, localTTL, remoteTTL time.Duration) (backfill[V], bool) {
+	w := backfill[V]{v: v, notFound: notFound, localTTL: localTTL}
 	kind := byte(kindNotFound)
-	if !notFound {
+	var b []byte
+	if notFound {
+		remoteTTL = c.opts.NegativeTTL
+		w.localTTL = min(localTTL, c.opts.NegativeTTL)
+	} else {
 		kind = kindValue
-		var stored V
-		if b, stored, err = c.codec.roundTrip(v); err != nil {
+		var err error
+		if b, w.v, err = c.codec.roundTrip(v); err != nil {
 			c.stats.encodeErrors.Add(1)
 			c.encodeLog.warn("tiered: loaded value cannot be encoded; returning it uncached",
 				"key", key, "err", err)
-			return v, nil
+			return w, false
 		}
-		v = stored // what every other caller and instance will get
 	}
-	expires, ttl := c.remoteExpiry(remoteTTL)
-	// Redis did not answer the read: do not wait for it again.
-	outage := res == fetchFailed
-	stored := false
-	var version uint64
+	w.size = len(b)
+	w.expires, w.ttl = c.remoteExpiry(remoteTTL)
+	w.env = encodeEnvelope(kind, w.expires, b)
+	w.msg = msgKeys
+	if len(b) <= c.opts.PublishValueMaxBytes {
+		w.msg = msgValue
+	}
+	return w, true
+}
+
+// fillReply is what a write-back of a loaded value got from Redis.
+type fillReply struct {
+	version   uint64
+	stored    bool
+	published bool // it woke instances waiting for the lease
+	err       error
+}
+
+// filled counts what the write-back of w, under mode, got (r; nothing if
+// outage: Redis did not answer the load's read) and keeps w in L1 under t
+// if Redis took it or cannot be asked. It reports whether a lease the load
+// held is settled: replaced by the value, or by a Set or Delete.
+func (c *Cache[V]) filled(ctx context.Context, key string, t ticket, w *backfill[V], mode fillMode, r fillReply, outage bool) (settled bool) {
 	if !outage {
-		msg := byte(msgKeys)
-		if len(b) <= c.opts.PublishValueMaxBytes {
-			msg = msgValue
-		}
-		var published bool
-		version, stored, published, err = c.remote.fill(ctx, key, encodeEnvelope(kind, expires, b), ttl, found.mode, found.value,
-			messageHead(msg, c.id), encodeKeys(key), msg == msgValue)
-		if published {
+		if r.published {
 			c.stats.published.Add(1)
 		}
 		switch {
-		case err != nil && ctx.Err() != nil:
+		case r.err != nil && ctx.Err() != nil:
 			// Past LoadTimeout: the flight has ended, and its lease may be
 			// released already. Cached nowhere.
-			return v, nil
-		case err != nil:
-			c.remoteFailed(err)
+			return false
+		case r.err != nil:
+			c.remoteFailed(r.err)
 			outage = true
-		case stored:
+		case r.stored:
 			settled = true
-		case found.mode == fillLease:
+		case mode == fillLease:
 			settled = true // a Set or Delete replaced the lease: nothing to release
 			c.stats.fenceRejections.Add(1)
 		}
 	}
-	if stored || outage {
+	if r.stored || outage {
 		// In an outage L1 is all there is: wait until it has the value, or
 		// the next caller finds neither tier and loads again.
-		c.keep(key, t, v, notFound, len(b), localTTL, expires, version, outage)
+		c.keep(key, t, w.v, w.notFound, w.size, w.localTTL, w.expires, r.version, outage)
 	}
-	if notFound {
-		return v, ErrNotFound
-	}
-	return v, nil
+	return settled
 }
 
 // keep stores v in L1 under ticket t for at most ttl and never past

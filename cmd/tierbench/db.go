@@ -61,23 +61,50 @@ func keyIndex(key string) (int, error) {
 
 // load is the caches' loader: a query that sees the row as it is when the
 // query starts and answers after the database latency.
+// loadMany is a query of many rows at once: one loader call, one database
+// latency. Keys that are not rows are left out (not found).
+func (d *db) loadMany(ctx context.Context, keys []string) (map[string]*item, error) {
+	d.loads.Add(1)
+	m := make(map[string]*item, len(keys))
+	for _, key := range keys {
+		if it, ok := d.row(key); ok {
+			m[key] = it
+		}
+	}
+	return m, d.query(ctx)
+}
+
 func (d *db) load(ctx context.Context, key string) (*item, error) {
-	i, err := keyIndex(key)
-	if err != nil || i >= len(d.rows) {
+	it, ok := d.row(key)
+	if !ok {
 		return nil, tiered.ErrNotFound
 	}
 	d.loads.Add(1)
-	v := d.rows[i].version.Load()
-	if d.latency > 0 {
-		t := time.NewTimer(d.latency)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return nil, ctx.Err()
-		}
+	return it, d.query(ctx)
+}
+
+// row returns the row of key as it is now, when the query reads it.
+func (d *db) row(key string) (*item, bool) {
+	i, err := keyIndex(key)
+	if err != nil || i >= len(d.rows) {
+		return nil, false
 	}
-	return &item{Key: key, Version: v, Payload: d.payload}, nil
+	return &item{Key: key, Version: d.rows[i].version.Load(), Payload: d.payload}, true
+}
+
+// query waits for the database's latency, or until ctx ends.
+func (d *db) query(ctx context.Context) error {
+	if d.latency <= 0 {
+		return nil
+	}
+	t := time.NewTimer(d.latency)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // update writes a new version of key i through c, as an application does:

@@ -15,6 +15,7 @@ type config struct {
 	keys       int
 	zipf       float64 // 0: uniform
 	reads      int     // relative weight of reads
+	batch      int     // keys per read; above 1, read with GetOrLoadMany
 	writes     int     // relative weight of writes
 	rate       int     // target operations per second, all goroutines together; 0: as fast as possible
 	dbLatency  time.Duration
@@ -37,6 +38,7 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (co
 	fs.IntVar(&c.keys, "keys", 10000, "number of distinct keys")
 	fs.Float64Var(&c.zipf, "zipf", 1.1, "Zipf skew s of key popularity (> 1; larger is more skewed), or 0 for uniform")
 	fs.IntVar(&c.reads, "reads", 99, "relative weight of reads (GetOrLoad)")
+	fs.IntVar(&c.batch, "batch", 1, "keys per read: above 1, each read asks for this many keys at once (GetOrLoadMany)")
 	fs.IntVar(&c.writes, "writes", 1, "relative weight of writes (Set of a new version)")
 	fs.IntVar(&c.rate, "rate", 20000, "target operations per second, all goroutines together; 0: as fast as they go\n"+
 		"(then latencies include Go's delay in polling the network, up to 10 ms, of a process with every CPU busy)")
@@ -77,6 +79,8 @@ func (c config) validate(rest []string) error {
 		return errors.New("-keys must be at least 1")
 	case c.zipf != 0 && !(c.zipf > 1):
 		return fmt.Errorf("-zipf must be greater than 1, or 0 for uniform; got %v", c.zipf)
+	case c.batch < 1 || c.batch > c.keys:
+		return fmt.Errorf("-batch must be between 1 and -keys (%d); got %d", c.keys, c.batch)
 	case c.reads < 0 || c.writes < 0:
 		return errors.New("-reads and -writes must not be negative")
 	case c.reads+c.writes == 0:

@@ -22,6 +22,8 @@ func TestBadFlagsExit2WithMessageAndUsage(t *testing.T) {
 		{[]string{"-zipf", "0.5"}, "-zipf must be greater than 1, or 0"},
 		{[]string{"-zipf", "NaN"}, "-zipf must be greater than 1, or 0"},
 		{[]string{"-reads", "-1"}, "must not be negative"},
+		{[]string{"-batch", "0"}, "-batch must be between 1 and -keys"},
+		{[]string{"-batch", "11", "-keys", "10"}, "-batch must be between 1 and -keys (10)"},
 		{[]string{"-reads", "0", "-writes", "0"}, "cannot both be 0"},
 		{[]string{"-db-latency", "-1ms"}, "-db-latency must not be negative"},
 		{[]string{"-rate", "-5"}, "-rate must not be negative"},
@@ -69,7 +71,7 @@ func TestFlagDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := config{instances: 3, goroutines: 32, keys: 10000, zipf: 1.1, reads: 99, writes: 1, rate: 20000,
+	want := config{instances: 3, goroutines: 32, keys: 10000, zipf: 1.1, reads: 99, batch: 1, writes: 1, rate: 20000,
 		dbLatency: time.Millisecond, localTTL: time.Second, remoteTTL: 3 * time.Second,
 		duration: 5 * time.Second, redis: "10.0.0.1:6379"}
 	if cfg != want {

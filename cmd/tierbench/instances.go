@@ -58,11 +58,14 @@ func (in *instances) waitReady(ctx context.Context) error {
 	return nil
 }
 
-// shared sums the instances' Stats.Shared.
-func (in *instances) shared() uint64 {
-	var n uint64
+// stats sums the instances' Stats that the results show.
+func (in *instances) stats() (s tiered.Stats) {
 	for _, c := range in.caches {
-		n += c.Stats().Shared
+		cs := c.Stats()
+		s.Shared += cs.Shared
+		s.LocalHits += cs.LocalHits
+		s.RemoteHits += cs.RemoteHits
+		s.Loads += cs.Loads
 	}
-	return n
+	return s
 }

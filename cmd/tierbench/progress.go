@@ -12,6 +12,7 @@ type progress struct {
 	out     io.Writer
 	workers []*worker
 	prober  *prober
+	batch   bool // reads are batches: their keys' tiers are not known per read
 	last    [kinds]uint64
 	lastAt  time.Duration
 }
@@ -38,7 +39,11 @@ func (p *progress) tick(elapsed time.Duration) {
 	p.last, p.lastAt = now, elapsed
 	pct := func(k kind) float64 { return 100 * float64(d[k]) / float64(max(reads, 1)) }
 	inval := p.prober.snapshot()
-	fmt.Fprintf(p.out, "[%3.0fs] %11s ops/s  L1 %5.1f%%  L2 %5.1f%%  loader %5.1f%%  writes %9s/s  invalidation p50 %s (%d)  stale beyond bound %d\n",
-		elapsed.Seconds(), commas(uint64(float64(ops)/secs)), pct(readL1), pct(readL2), pct(readLoader),
+	tiers := fmt.Sprintf("L1 %5.1f%%  L2 %5.1f%%  loader %5.1f%%", pct(readL1), pct(readL2), pct(readLoader))
+	if p.batch {
+		tiers = fmt.Sprintf("batch reads %9s/s", commas(uint64(float64(d[readBatch])/secs)))
+	}
+	fmt.Fprintf(p.out, "[%3.0fs] %11s ops/s  %s  writes %9s/s  invalidation p50 %s (%d)  stale beyond bound %d\n",
+		elapsed.Seconds(), commas(uint64(float64(ops)/secs)), tiers,
 		commas(uint64(float64(d[writeOp])/secs)), fmtDur(inval.quantile(0.5)), inval.n, beyond)
 }

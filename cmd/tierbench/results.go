@@ -5,6 +5,8 @@ import (
 	"io"
 	"runtime"
 	"time"
+
+	"github.com/tieredcache/tiered"
 )
 
 // results is what a run measured. The table and the JSON show the same.
@@ -22,11 +24,22 @@ type results struct {
 	Errors    uint64  `json:"errors"`
 
 	// Tiers holds, in order, reads answered by L1, by L2 (Redis) and by
-	// the loader, then writes.
+	// the loader, then writes, then reads of several keys (-batch).
 	Tiers        []tierResult       `json:"tiers"`
 	Loader       loaderResult       `json:"loader"`
 	Invalidation invalidationResult `json:"invalidation"`
 	Stale        staleResult        `json:"stale_reads"`
+	Batch        *batchResult       `json:"batch,omitempty"` // with -batch
+}
+
+// batchResult is where the keys of batch reads came from (the Tiers are
+// per read, and a batch read's keys come from several tiers).
+type batchResult struct {
+	KeysPerRead int    `json:"keys_per_read"`
+	Keys        uint64 `json:"keys_read"`
+	L1Hits      uint64 `json:"l1_hits"`    // the instances' Stats.LocalHits
+	RemoteHits  uint64 `json:"redis_hits"` // Stats.RemoteHits
+	Loaded      uint64 `json:"loaded"`     // Stats.Loads
 }
 
 type jsonConfig struct {
@@ -35,6 +48,7 @@ type jsonConfig struct {
 	Keys         int     `json:"keys"`
 	Zipf         float64 `json:"zipf"`
 	Reads        int     `json:"reads_weight"`
+	Batch        int     `json:"keys_per_read"`
 	Writes       int     `json:"writes_weight"`
 	Rate         int     `json:"target_ops_per_second"`
 	DBLatencyUs  float64 `json:"db_latency_us"`
@@ -90,17 +104,23 @@ type staleResult struct {
 	Beyond uint64 `json:"beyond_bound"`
 }
 
+// shown reports whether the table and the chart show tier k: a run reads
+// either one key at a time (L1, L2, loader) or in batches.
+func (r *results) shown(k kind) bool {
+	return k == writeOp || (k == readBatch) == (r.Batch != nil)
+}
+
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
 // collect merges the workers' and the prober's measurements. The workers
 // must have stopped.
 func collect(cfg config, redisName string, elapsed time.Duration, interrupted bool,
-	workers []*worker, pr *prober, d *db, shared uint64) *results {
+	workers []*worker, pr *prober, d *db, stats tiered.Stats) *results {
 	r := &results{
 		cfg: cfg,
 		Config: jsonConfig{
 			Instances: cfg.instances, Goroutines: cfg.goroutines, Keys: cfg.keys, Zipf: cfg.zipf,
-			Reads: cfg.reads, Writes: cfg.writes, Rate: cfg.rate, DBLatencyUs: us(cfg.dbLatency),
+			Reads: cfg.reads, Batch: cfg.batch, Writes: cfg.writes, Rate: cfg.rate, DBLatencyUs: us(cfg.dbLatency),
 			LocalTTLSec: cfg.localTTL.Seconds(), RemoteTTLSec: cfg.remoteTTL.Seconds(), DurationSec: cfg.duration.Seconds(),
 		},
 		Redis:       redisName,
@@ -135,7 +155,11 @@ func collect(cfg config, redisName string, elapsed time.Duration, interrupted bo
 		}
 		r.Tiers = append(r.Tiers, t)
 	}
-	r.Loader = loaderResult{Calls: d.loads.Load(), Requests: hists[readLoader].n, SharedFlights: shared}
+	r.Loader = loaderResult{Calls: d.loads.Load(), Requests: hists[readLoader].n, SharedFlights: stats.Shared}
+	if cfg.batch > 1 {
+		r.Batch = &batchResult{KeysPerRead: cfg.batch, Keys: hists[readBatch].n * uint64(cfg.batch),
+			L1Hits: stats.LocalHits, RemoteHits: stats.RemoteHits, Loaded: stats.Loads}
+	}
 	inv := pr.snapshot()
 	r.Invalidation = invalidationResult{Samples: inv.n, Lost: pr.lost.Load(), Skipped: pr.skipped.Load(),
 		P50us: us(inv.quantile(0.5)), P99us: us(inv.quantile(0.99)), MaxUs: us(time.Duration(inv.max))}

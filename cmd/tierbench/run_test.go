@@ -203,3 +203,37 @@ func (b *lockedBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+// With -batch, reads go through GetOrLoadMany, and the table shows them as
+// one row with where their keys came from.
+func TestRunWithBatchReads(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	args := []string{"-duration", "1500ms", "-keys", "500", "-goroutines", "3", "-writes", "5", "-batch", "10", "-json"}
+	if code := run(context.Background(), args, &stdout, &stderr, noEnv); code != 0 {
+		t.Fatalf("exit %d\nstderr:\n%s", code, stderr.String())
+	}
+	var r results
+	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.Batch == nil || r.Batch.KeysPerRead != 10 || r.Tiers[readBatch].Count == 0 || r.Tiers[readL1].Count != 0 {
+		t.Fatalf("batch %+v, batch reads %d, single reads %d; want only batch reads of 10 keys",
+			r.Batch, r.Tiers[readBatch].Count, r.Tiers[readL1].Count)
+	}
+	if r.Batch.L1Hits == 0 || r.Batch.Loaded == 0 || r.Errors != 0 || r.Stale.Beyond != 0 {
+		t.Errorf("batch %+v, %d errors, %d stale beyond the bound; want L1 hits and loads, no errors", r.Batch, r.Errors, r.Stale.Beyond)
+	}
+	r.cfg.batch = 10
+	var table bytes.Buffer
+	if err := writeTable(&table, &r); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"batch of 10", "keys in", "from L1", "keys loaded"} {
+		if !strings.Contains(table.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, table.String())
+		}
+	}
+	if strings.Contains(table.String(), "L1 hit") {
+		t.Errorf("table shows single-key tiers in a batch run:\n%s", table.String())
+	}
+}

@@ -74,7 +74,7 @@ func runBench(ctx context.Context, cfg config, progressOut io.Writer) (*results,
 		wg.Go(func() { w.run(stop) })
 	}
 	wg.Go(func() { pr.run(stop) })
-	pl := &progress{out: progressOut, workers: workers, prober: pr}
+	pl := &progress{out: progressOut, workers: workers, prober: pr, batch: cfg.batch > 1}
 	interrupted := waitFor(ctx, cfg.duration, pl.tick)
 	close(stop)
 	wg.Wait()
@@ -82,7 +82,7 @@ func runBench(ctx context.Context, cfg config, progressOut io.Writer) (*results,
 	if interrupted {
 		fmt.Fprintf(progressOut, "tierbench: interrupted after %.1fs; results so far:\n", elapsed.Seconds())
 	}
-	return collect(cfg, be.name, elapsed, interrupted, workers, pr, d, in.shared()), nil
+	return collect(cfg, be.name, elapsed, interrupted, workers, pr, d, in.stats()), nil
 }
 
 // waitFor waits until duration has passed or ctx is done (reporting
@@ -114,6 +114,10 @@ func describe(cfg config) string {
 	if cfg.rate > 0 {
 		rate = commas(uint64(cfg.rate)) + " ops/s"
 	}
-	return fmt.Sprintf("%d instances, %d goroutines at %s, %d keys (%s), reads:writes %d:%d, db latency %v, TTL L1 %v / Redis %v, %v",
-		cfg.instances, cfg.goroutines, rate, cfg.keys, dist, cfg.reads, cfg.writes, cfg.dbLatency, cfg.localTTL, cfg.remoteTTL, cfg.duration)
+	batch := ""
+	if cfg.batch > 1 {
+		batch = fmt.Sprintf(" (%d keys a read)", cfg.batch)
+	}
+	return fmt.Sprintf("%d instances, %d goroutines at %s, %d keys (%s), reads:writes %d:%d%s, db latency %v, TTL L1 %v / Redis %v, %v",
+		cfg.instances, cfg.goroutines, rate, cfg.keys, dist, cfg.reads, cfg.writes, batch, cfg.dbLatency, cfg.localTTL, cfg.remoteTTL, cfg.duration)
 }

@@ -33,9 +33,15 @@ func svgGroups(r *results) []svgGroup {
 	d := func(us float64) time.Duration { return time.Duration(us * float64(time.Microsecond)) }
 	var gs []svgGroup
 	for k, t := range r.Tiers {
+		if !r.shown(kind(k)) {
+			continue
+		}
 		label, note := t.Name+" hit", fmt.Sprintf("%s reads (%.1f%%)", commas(t.Count), t.SharePct)
-		if kind(k) == writeOp {
+		switch kind(k) {
+		case writeOp:
 			label, note = "write (Set)", commas(t.Count)+" writes"
+		case readBatch:
+			label = fmt.Sprintf("batch of %d", r.Batch.KeysPerRead)
 		}
 		gs = append(gs, svgGroup{label, note, []time.Duration{d(t.P50us), d(t.P99us), d(t.P999us)}})
 	}

@@ -23,12 +23,19 @@ func writeTable(out io.Writer, r *results) error {
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "\tcount\tshare\tp50\tp99\tp99.9\tmax\t")
 	for k, t := range r.Tiers {
+		if !r.shown(kind(k)) {
+			continue
+		}
 		share := "-"
 		if kind(k) != writeOp {
 			share = fmt.Sprintf("%.1f%%", t.SharePct)
 		}
 		name := t.Name
-		if kind(k) != writeOp {
+		switch kind(k) {
+		case readBatch:
+			name = fmt.Sprintf("batch of %d", r.Batch.KeysPerRead)
+		case writeOp:
+		default:
 			name += " hit"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", name, commas(t.Count), share,
@@ -39,8 +46,17 @@ func writeTable(out io.Writer, r *results) error {
 	}
 
 	l, inv, s := r.Loader, r.Invalidation, r.Stale
-	fmt.Fprintf(&b, "\nloader        %s loader calls for %s reads answered by a load; %s L1 misses shared a Redis read or load in flight\n",
-		commas(l.Calls), commas(l.Requests), commas(l.SharedFlights))
+	if bt := r.Batch; bt != nil {
+		pct := func(n uint64) float64 { return 100 * float64(n) / float64(max(bt.Keys, 1)) }
+		fmt.Fprintf(&b, "\nbatch         %s keys in %s reads of %d: %.1f%% from L1, %.1f%% from Redis, %.1f%% loaded (instances' Stats)\n",
+			commas(bt.Keys), commas(r.Tiers[readBatch].Count), bt.KeysPerRead, pct(bt.L1Hits), pct(bt.RemoteHits), pct(bt.Loaded))
+	}
+	answered := commas(l.Requests) + " reads answered by a load"
+	if r.Batch != nil {
+		answered = commas(r.Batch.Loaded) + " keys loaded"
+	}
+	fmt.Fprintf(&b, "\nloader        %s loader calls for %s; %s L1 misses shared a Redis read or load in flight\n",
+		commas(l.Calls), answered, commas(l.SharedFlights))
 	fmt.Fprintf(&b, "invalidation  p50 %s, p99 %s, max %s over %s samples (write start on one instance -> new value read on another); %d lost\n",
 		fmtUs(inv.P50us), fmtUs(inv.P99us), fmtUs(inv.MaxUs), commas(inv.Samples), inv.Lost)
 	fmt.Fprintf(&b, "stale reads   %d beyond the bound of %s (must be 0); %s within it (started after a write returned, before its invalidation arrived)\n",

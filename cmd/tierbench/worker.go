@@ -18,10 +18,11 @@ const (
 	readL2
 	readLoader
 	writeOp
+	readBatch // with -batch: a read of several keys, whichever tiers answered
 	kinds
 )
 
-var kindNames = [kinds]string{"L1", "L2", "loader", "writes"}
+var kindNames = [kinds]string{"L1", "L2", "loader", "writes", "batch"}
 
 // worker drives the workload on one cache instance from one goroutine.
 // Its counters are read live by the progress line; its histograms only
@@ -30,6 +31,7 @@ type worker struct {
 	cache    *tiered.Cache[*item]
 	db       *db
 	load     func(context.Context, string) (*item, error) // made once: a method value allocates
+	loadMany func(context.Context, []string) (map[string]*item, error)
 	keys     []string
 	pick     func() int
 	rng      *rand.Rand
@@ -45,7 +47,7 @@ type worker struct {
 }
 
 func newWorker(seed uint64, c *tiered.Cache[*item], d *db, keys []string, cfg config, bound time.Duration) *worker {
-	w := &worker{cache: c, db: d, load: d.load, keys: keys, rng: rand.New(rand.NewPCG(seed, 0x7469657265)), cfg: cfg, bound: bound}
+	w := &worker{cache: c, db: d, load: d.load, loadMany: d.loadMany, keys: keys, rng: rand.New(rand.NewPCG(seed, 0x7469657265)), cfg: cfg, bound: bound}
 	if cfg.rate > 0 {
 		w.interval = time.Duration(float64(time.Second) * float64(cfg.goroutines) / float64(cfg.rate))
 	}
@@ -67,9 +69,12 @@ func (w *worker) run(stop <-chan struct{}) {
 	p := pacer{interval: w.interval, next: time.Now().Add(-time.Duration(w.rng.Float64() * float64(w.interval)))}
 	for p.wait(stop) {
 		i := w.pick()
-		if w.rng.IntN(total) < w.cfg.writes {
+		switch {
+		case w.rng.IntN(total) < w.cfg.writes:
 			w.write(ctx, i)
-		} else {
+		case w.cfg.batch > 1:
+			w.readMany(ctx, i)
+		default:
 			w.read(ctx, i)
 		}
 	}
@@ -92,6 +97,40 @@ func (w *worker) read(ctx context.Context, i int) {
 	}
 	w.counts[k].Add(1)
 	w.hist[k].record(end - start)
+	w.check(i, it, start)
+}
+
+// readMany reads key i and cfg.batch-1 more keys, picked as one would be,
+// in one GetOrLoadMany.
+func (w *worker) readMany(ctx context.Context, i int) {
+	idx := make([]int, w.cfg.batch)
+	keys := make([]string, w.cfg.batch)
+	for j := range idx {
+		if j > 0 {
+			i = w.pick()
+		}
+		idx[j], keys[j] = i, w.keys[i]
+	}
+	start := w.db.since()
+	items, err := w.cache.GetOrLoadMany(ctx, keys, w.loadMany)
+	end := w.db.since()
+	if err != nil {
+		w.errors.Add(1)
+		return
+	}
+	w.counts[readBatch].Add(1)
+	w.hist[readBatch].record(end - start)
+	for j, k := range keys {
+		if it, ok := items[k]; ok {
+			w.check(idx[j], it, start)
+		} else {
+			w.errors.Add(1) // every key exists
+		}
+	}
+}
+
+// check counts a read of key i, started at start, that got it, if stale.
+func (w *worker) check(i int, it *item, start time.Duration) {
 	stale, beyond := w.db.stale(i, it.Version, start, w.bound)
 	if stale {
 		w.stale.Add(1)

@@ -32,6 +32,8 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.LoadTimeouts }},
 	{"tiered.shared", "{caller}", "Callers that got the result of a load or Redis read another caller started.",
 		func(s *tiered.Stats) uint64 { return s.Shared }},
+	{"tiered.batch_calls", "{call}", "GetMany and GetOrLoadMany calls (their keys are counted as single calls would count them).",
+		func(s *tiered.Stats) uint64 { return s.BatchCalls }},
 	{"tiered.leases_granted", "{lease}", "Misses of both tiers that took the key's lease and loaded it.",
 		func(s *tiered.Stats) uint64 { return s.LeasesGranted }},
 	{"tiered.lease_waits", "{wait}", "Misses that found another instance's lease and waited for its value.",

@@ -31,6 +31,8 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.LoadTimeouts }},
 	{"shared_total", "Callers that got the result of a load or Redis read another caller started.",
 		func(s *tiered.Stats) uint64 { return s.Shared }},
+	{"batch_calls_total", "GetMany and GetOrLoadMany calls (their keys are counted as single calls would count them).",
+		func(s *tiered.Stats) uint64 { return s.BatchCalls }},
 	{"leases_granted_total", "Misses of both tiers that took the key's lease and loaded it.",
 		func(s *tiered.Stats) uint64 { return s.LeasesGranted }},
 	{"lease_waits_total", "Misses that found another instance's lease and waited for its value.",
