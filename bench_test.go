@@ -187,9 +187,9 @@ func newBenchEnv(b *testing.B) *benchEnv {
 	env.loader = newTestCache[*benchValue](b, env.rdb, opts)
 	env.byValue = newTestCache[benchValue](b, env.rdb, Options{Namespace: ns + "-byvalue", RemoteTTL: opts.RemoteTTL})
 	env.l2 = newTestCache[*benchValue](b, env.rdb, Options{Namespace: ns, RemoteTTL: opts.RemoteTTL, LocalTTL: time.Millisecond})
-	// Room for ~100 entries: an entry costs its JSON, its key and
-	// entryOverhead.
-	opts.LocalMaxBytes = 100 * (200 + 8 + entryOverhead)
+	// Room for ~100 entries (see entryCost).
+	per, _ := entryCost(newBenchValue(0), nil)
+	opts.LocalMaxBytes = 100 * per
 	env.zipf = newTestCache[*benchValue](b, env.rdb, opts)
 
 	raw, err := ristretto.NewCache(&ristretto.Config[string, *benchValue]{

@@ -24,10 +24,6 @@ func genSlots(maxBytes int64) int {
 	return n
 }
 
-// entryOverhead approximates the bytes an L1 entry costs beyond its encoded
-// value and key: ristretto's item and map slot plus our entry header.
-const entryOverhead = 128
-
 // entry is what L1 stores: the decoded value and what is needed to decide,
 // without touching anything else, whether it may still be served.
 type entry[V any] struct {
@@ -109,7 +105,7 @@ func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V
 		NumCounters:        counters,
 		MaxCost:            maxBytes,
 		BufferItems:        64,
-		IgnoreInternalCost: true, // entryOverhead accounts for it
+		IgnoreInternalCost: true, // entryCost accounts for it
 		KeyToHash:          func(h uint64) (uint64, uint64) { return h, 0 },
 	})
 	if err != nil {
