@@ -247,3 +247,27 @@ func costOf[V any](v V) int64 {
 	base, _ := entryCost(zero, nil)
 	return n - base
 }
+
+// An empty Cache holds at most 5% of its LocalMaxBytes (ristretto's
+// counters and buffers, the generation tables) from the default 64 MiB up,
+// and below that 5% plus a fixed floor of 512 KiB: ristretto's Set buffer
+// alone is 256 KiB, whatever the budget.
+func TestAnEmptyCacheHoldsAtMostFivePercentOfItsBudget(t *testing.T) {
+	_, rdb := newMiniredis(t)
+	for _, maxBytes := range []int64{1 << 20, 8 << 20, 64 << 20, 256 << 20} {
+		before := liveHeap()
+		c := newCoreCache[string](t, rdb, Options{LocalMaxBytes: maxBytes})
+		held := liveHeap() - before
+		runtime.KeepAlive(c)
+		t.Logf("LocalMaxBytes %4d MiB: an empty Cache holds %.2f MiB (%.1f%%)",
+			maxBytes>>20, float64(held)/(1<<20), 100*float64(held)/float64(maxBytes))
+		limit := maxBytes / 20
+		if maxBytes < defaultLocalMaxBytes {
+			limit += 512 << 10
+		}
+		if held > limit {
+			t.Errorf("LocalMaxBytes %d: an empty Cache holds %d bytes, want at most %d", maxBytes, held, limit)
+		}
+		_ = c.Close()
+	}
+}
