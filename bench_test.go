@@ -867,3 +867,32 @@ func BenchmarkL1Zipf(b *testing.B) {
 	b.ReportMetric(100*rawShare[0], "raw-paced-hit-%")
 	b.ReportMetric(100*rawShare[1], "raw-tight-hit-%")
 }
+
+// BenchmarkEntryCost measures the estimate of a value's memory that every
+// fill, Set and carried message pays once (never a hit): a reflection walk
+// of the decoded value.
+//
+//	go test -run '^$' -bench EntryCost
+func BenchmarkEntryCost(b *testing.B) {
+	ints := make([]int, 1000)
+	attrs := make(map[string]string, 20)
+	for i := range 20 {
+		attrs["field-"+strconv.Itoa(i)] = "value-" + strconv.Itoa(i)
+	}
+	for _, bm := range []struct {
+		name  string
+		value any
+	}{
+		{"string", l1EfficiencyValue},
+		{"[]int-1000", ints},
+		{"*benchValue", newBenchValue(1)},
+		{"map[string]string-20", attrs},
+	} {
+		b.Run(bm.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				entryCost(bm.value, nil)
+			}
+		})
+	}
+}
