@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"slices"
@@ -187,9 +188,9 @@ func newBenchEnv(b *testing.B) *benchEnv {
 	env.loader = newTestCache[*benchValue](b, env.rdb, opts)
 	env.byValue = newTestCache[benchValue](b, env.rdb, Options{Namespace: ns + "-byvalue", RemoteTTL: opts.RemoteTTL})
 	env.l2 = newTestCache[*benchValue](b, env.rdb, Options{Namespace: ns, RemoteTTL: opts.RemoteTTL, LocalTTL: time.Millisecond})
-	// Room for ~100 entries: an entry costs its JSON, its key and
-	// entryOverhead.
-	opts.LocalMaxBytes = 100 * (200 + 8 + entryOverhead)
+	// Room for ~100 entries (see entryCost).
+	per, _ := entryCost(newBenchValue(0), nil)
+	opts.LocalMaxBytes = 100 * per
 	env.zipf = newTestCache[*benchValue](b, env.rdb, opts)
 
 	raw, err := ristretto.NewCache(&ristretto.Config[string, *benchValue]{
@@ -699,5 +700,199 @@ func benchFleetStampede(b *testing.B, instances int) {
 	if keys > 0 {
 		b.ReportMetric(float64(loads.Load())/float64(keys), "loads/key")
 		b.ReportMetric(float64(worst)/float64(time.Millisecond), "p100-ms")
+	}
+}
+
+// L1 efficiency: how much of what its budget allows L1 keeps serving, in
+// two access patterns, each beside raw ristretto given the same budget,
+// counters, costs and reads. Each iteration replays the whole pattern on a
+// fresh Cache (embedded miniredis); run one:
+//
+//	go test -run '^$' -bench 'L1Churn|L1Zipf' -benchtime=1x
+//
+// raw ristretto runs twice: "raw-paced" makes a Redis GET on every miss, as
+// a cache in front of Redis does and as tiered does, and "raw-tight" does
+// not. The difference is not the Redis call itself: ristretto drops access
+// records its policy goroutine has no time for (Metrics.GetsDropped), and
+// in a tight loop it drops nearly all of them, so its admission policy sees
+// no frequencies and admits every Set.
+
+// l1EfficiencyValue is the cached value of the efficiency benchmarks: a
+// 200-byte string, which a Cache[string] holds as it is.
+var l1EfficiencyValue = strings.Repeat("v", 200)
+
+// l1EfficiencyCache returns a Cache[string] whose L1 holds entries
+// entries of l1EfficiencyValue, and what one costs.
+func l1EfficiencyCache(b *testing.B, rdb *redis.Client, entries int64) (*Cache[string], int64) {
+	per, _ := entryCost(l1EfficiencyValue, nil)
+	return newTestCache[string](b, rdb, Options{LocalMaxBytes: entries * per}), per
+}
+
+// rawL1 returns a raw ristretto configured as c's L1 is.
+func rawL1(b *testing.B, maxBytes int64) *ristretto.Cache[string, string] {
+	raw, err := ristretto.NewCache(&ristretto.Config[string, string]{
+		NumCounters: admissionCounters(maxBytes), MaxCost: maxBytes, BufferItems: 64, IgnoreInternalCost: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(raw.Close)
+	return raw
+}
+
+// rawRead reads key from raw, and on a miss (after a Redis GET if paced)
+// sets it at cost per. It reports whether it hit.
+func rawRead(ctx context.Context, raw *ristretto.Cache[string, string], rdb *redis.Client, paced bool, key string, per int64) bool {
+	if _, ok := raw.Get(key); ok {
+		return true
+	}
+	if paced {
+		rdb.Get(ctx, key)
+	}
+	raw.Set(key, l1EfficiencyValue, per)
+	return false
+}
+
+// BenchmarkL1Churn replays issue 12's churn pattern: an L1 with room for
+// 10,000 entries, GetOrLoad of 20,000 keys twice in order, then once in
+// reverse order. An L1 that keeps the entries read last serves the first
+// 10,000 reads of the reverse pass (LRU does, exactly). Metrics:
+//
+//	reverse-hits            tiered's L1 hits in the reverse pass
+//	raw-paced-reverse-hits  raw ristretto, a Redis GET per miss
+//	raw-tight-reverse-hits  raw ristretto, no Redis GET
+func BenchmarkL1Churn(b *testing.B) {
+	const fit, keys = 10000, 20000
+	ctx := context.Background()
+	names := make([]string, keys)
+	for i := range names {
+		names[i] = fmt.Sprintf("key-%05d", i)
+	}
+	order := make([]string, 0, 3*keys)
+	order = append(append(order, names...), names...)
+	reverse := slices.Clone(names)
+	slices.Reverse(reverse)
+	load := func(context.Context, string) (string, error) { return l1EfficiencyValue, nil }
+	var hits, rawHits [2]int
+	for b.Loop() {
+		_, rdb := newMiniredis(b)
+		c, per := l1EfficiencyCache(b, rdb, fit)
+		for _, k := range order {
+			if _, err := c.GetOrLoad(ctx, k, load); err != nil {
+				b.Fatal(err)
+			}
+		}
+		before := c.Stats().LocalHits
+		for _, k := range reverse {
+			if _, err := c.GetOrLoad(ctx, k, load); err != nil {
+				b.Fatal(err)
+			}
+		}
+		hits[0] = int(c.Stats().LocalHits - before)
+		for i, paced := range []bool{true, false} {
+			raw := rawL1(b, c.opts.LocalMaxBytes)
+			for _, k := range order {
+				rawRead(ctx, raw, rdb, paced, k, per)
+			}
+			rawHits[i] = 0
+			for _, k := range reverse {
+				if rawRead(ctx, raw, rdb, paced, k, per) {
+					rawHits[i]++
+				}
+			}
+		}
+	}
+	b.ReportMetric(float64(hits[0]), "reverse-hits")
+	b.ReportMetric(float64(rawHits[0]), "raw-paced-reverse-hits")
+	b.ReportMetric(float64(rawHits[1]), "raw-tight-reverse-hits")
+}
+
+// BenchmarkL1Zipf reads 100,000 keys with Zipf(s=1.1) popularity through
+// an L1 with room for 10,000 entries: 200,000 reads to warm up, then
+// 200,000 measured. The optimum is what an L1 holding the 10,000 most
+// popular keys serves: the sum of their probabilities. Metrics (%):
+//
+//	L1-hit-%            tiered's L1 hit share
+//	optimum-%           the optimum
+//	raw-paced-hit-%     raw ristretto, a Redis GET per miss
+//	raw-tight-hit-%     raw ristretto, no Redis GET
+func BenchmarkL1Zipf(b *testing.B) {
+	const keys, fit, warm, measured = 100000, 10000, 200000, 200000
+	ctx := context.Background()
+	names := make([]string, keys)
+	for i := range names {
+		names[i] = fmt.Sprintf("key-%05d", i)
+	}
+	var sum, top float64
+	for i := range keys {
+		p := math.Pow(float64(i+1), -benchZipfS) // rand.Zipf with v = 1: P(k) ∝ (1+k)^-s
+		sum += p
+		if i < fit {
+			top += p
+		}
+	}
+	z := rand.NewZipf(rand.New(rand.NewPCG(3, 4)), benchZipfS, 1, keys-1)
+	seq := make([]string, warm+measured)
+	for i := range seq {
+		seq[i] = names[z.Uint64()]
+	}
+	load := func(context.Context, string) (string, error) { return l1EfficiencyValue, nil }
+	var share float64
+	var rawShare [2]float64
+	for b.Loop() {
+		_, rdb := newMiniredis(b)
+		c, per := l1EfficiencyCache(b, rdb, fit)
+		var before uint64
+		for i, k := range seq {
+			if i == warm {
+				before = c.Stats().LocalHits
+			}
+			if _, err := c.GetOrLoad(ctx, k, load); err != nil {
+				b.Fatal(err)
+			}
+		}
+		share = float64(c.Stats().LocalHits-before) / measured
+		for j, paced := range []bool{true, false} {
+			raw := rawL1(b, c.opts.LocalMaxBytes)
+			hits := 0
+			for i, k := range seq {
+				if rawRead(ctx, raw, rdb, paced, k, per) && i >= warm {
+					hits++
+				}
+			}
+			rawShare[j] = float64(hits) / measured
+		}
+	}
+	b.ReportMetric(100*share, "L1-hit-%")
+	b.ReportMetric(100*top/sum, "optimum-%")
+	b.ReportMetric(100*rawShare[0], "raw-paced-hit-%")
+	b.ReportMetric(100*rawShare[1], "raw-tight-hit-%")
+}
+
+// BenchmarkEntryCost measures the estimate of a value's memory that every
+// fill, Set and carried message pays once (never a hit): a reflection walk
+// of the decoded value.
+//
+//	go test -run '^$' -bench EntryCost
+func BenchmarkEntryCost(b *testing.B) {
+	ints := make([]int, 1000)
+	attrs := make(map[string]string, 20)
+	for i := range 20 {
+		attrs["field-"+strconv.Itoa(i)] = "value-" + strconv.Itoa(i)
+	}
+	for _, bm := range []struct {
+		name  string
+		value any
+	}{
+		{"string", l1EfficiencyValue},
+		{"[]int-1000", ints},
+		{"*benchValue", newBenchValue(1)},
+		{"map[string]string-20", attrs},
+	} {
+		b.Run(bm.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				entryCost(bm.value, nil)
+			}
+		})
 	}
 }

@@ -5,7 +5,9 @@
 // # Data path
 //
 // A read (Get, GetOrLoad) first asks L1, a ristretto cache of decoded Go
-// values bounded in bytes; a hit costs a ristretto lookup, two hashes and a
+// values bounded in bytes of memory (each entry is charged an estimate of
+// what its decoded value holds, made once per fill, or Options.Cost's
+// figure); a hit costs a ristretto lookup, two hashes and a
 // few atomic operations, with no decoding and no allocation. On a miss,
 // concurrent callers of one key in one process share one flight, which
 // reads Redis, where values sit in a small envelope (format, kind, version,

@@ -488,3 +488,35 @@ func ExampleCache_GetOrLoadMany() {
 	// [kettle teapot mug] 2
 	// map[p3:mug] <nil>
 }
+
+// Options.Cost charges L1 entries what the caller knows their values hold
+// in memory, in place of the reflection estimate: here a []byte is charged
+// its capacity (plus the entry's own ~200 bytes, always added).
+func ExampleOptions_cost() {
+	mr, err := miniredis.Run() // an embedded Redis, for the example
+	if err != nil {
+		panic(err)
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+
+	thumbs, err := tiered.New[[]byte](tiered.Options{
+		Redis:         rdb,
+		Namespace:     "thumbs:v1",
+		LocalMaxBytes: 32 << 20,
+		Cost:          func(v any) int64 { return int64(cap(v.([]byte))) },
+	})
+	if err != nil {
+		panic(err)
+	}
+	defer thumbs.Close()
+
+	ctx := context.Background()
+	if err := thumbs.Set(ctx, "cat.png", []byte("\x89PNG...")); err != nil {
+		panic(err)
+	}
+	b, err := thumbs.Get(ctx, "cat.png")
+	fmt.Println(len(b), err)
+	// Output: 7 <nil>
+}

@@ -19,9 +19,11 @@ const (
 // batches pays it once a batch, mostly on the clock's goroutine (see
 // local.handDue), else on whichever call finds the batch due.
 //
-// A fill is served from here until its batch is handed over, and for one
-// more batch while ristretto applies it: a read that ristretto cannot
-// answer looks here before it counts as a miss. So a fill is visible at
+// A fill is served from here until its batch is handed over, and then
+// while ristretto applies it, until the next batch or for fillDelay: a read
+// that ristretto cannot answer looks here before it counts as a miss.
+// (Longer would keep fills that ristretto rejected alive beyond L1's
+// budget; a fill ristretto is slower to apply is a miss, never stale.) So a fill is visible at
 // once, as if it had gone to ristretto directly, and entries here are
 // checked like ristretto's (by their ticket), so what the buffer holds
 // needs no invalidating beyond what ristretto's entries get.
@@ -31,6 +33,7 @@ type fillBuffer[V any] struct {
 	mu      sync.Mutex
 	cur     map[uint64]*entry[V] // by key hash; not yet handed over
 	prev    map[uint64]*entry[V] // the batch handed over last
+	handed  int64                // clock time prev was handed over
 	started int64                // clock time of cur's first fill
 	bytes   int64                // cost of cur's fills
 }
@@ -78,10 +81,14 @@ func (b *fillBuffer[V]) add(h uint64, e *entry[V], now int64) map[uint64]*entry[
 	return b.due(now)
 }
 
-// take returns the batch to hand to ristretto if one is due.
+// take returns the batch to hand to ristretto if one is due, and lets go
+// of the batch handed over last once it is fillDelay old.
 func (b *fillBuffer[V]) take(now int64) map[uint64]*entry[V] {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.prev != nil && now-b.handed >= fillDelay {
+		b.prev = nil
+	}
 	return b.due(now)
 }
 
@@ -92,7 +99,7 @@ func (b *fillBuffer[V]) due(now int64) map[uint64]*entry[V] {
 		return nil
 	}
 	batch := b.cur
-	b.prev, b.cur, b.bytes = batch, make(map[uint64]*entry[V], fillBatch), 0
+	b.prev, b.cur, b.bytes, b.handed = batch, make(map[uint64]*entry[V], fillBatch), 0, now
 	return batch
 }
 

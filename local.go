@@ -11,22 +11,37 @@ import (
 	"github.com/dgraph-io/ristretto/v2"
 )
 
-// genSlots returns the size of the generation table for an L1 of maxBytes.
-// Keys share a slot by hash, and an invalidation of one key makes every L1
-// entry in its slot a miss (once: the next fill takes the new generation).
-// So the table grows with L1, one slot per 2 KiB (about four entries of
-// ~512 bytes), between 4096 and 65536 slots (32 KiB to 512 KiB).
+// genSlots returns the size of the generation table (and of the table of
+// newest versions) for an L1 of maxBytes. Keys share a slot by hash, and an
+// invalidation of one key makes every L1 entry in its slot a miss (once:
+// the next fill takes the new generation). So the table grows with L1, one
+// slot per 4 KiB (about eight entries of ~500 bytes), between 1024 and
+// 65536 slots: the two tables take 16 bytes per slot, 0.4% of L1.
 func genSlots(maxBytes int64) int {
-	n := 4096
-	for n < 1<<16 && int64(n)*2048 < maxBytes {
+	n := 1024
+	for n < 1<<16 && int64(n)*4096 < maxBytes {
 		n *= 2
 	}
 	return n
 }
 
-// entryOverhead approximates the bytes an L1 entry costs beyond its encoded
-// value and key: ristretto's item and map slot plus our entry header.
-const entryOverhead = 128
+// admissionCounters returns the number of ristretto's admission counters
+// for an L1 of maxBytes: one per 128 bytes, rounded down to a power of two
+// (at least 1024). ristretto rounds its count-min sketch up to a power of
+// two (4 rows of 4-bit counters: 2 bytes per counter) and sizes its
+// doorkeeper bloom filter by the same number (~10 bits per counter, rounded
+// up to a power of two: up to 2 bytes); so an L1 spends up to 4 bytes per
+// counter, 3% of maxBytes. That is 3 to 4 counters per entry of ~500
+// bytes, fewer than the 10 ristretto suggests: more made a Zipf workload's
+// hit ratio better by about a point per doubling (see BenchmarkL1Zipf), at
+// 3% of the budget per doubling.
+func admissionCounters(maxBytes int64) int64 {
+	n := int64(1024)
+	for n*2*128 <= maxBytes {
+		n *= 2
+	}
+	return n
+}
 
 // entry is what L1 stores: the decoded value and what is needed to decide,
 // without touching anything else, whether it may still be served.
@@ -102,14 +117,11 @@ type local[V any] struct {
 }
 
 func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V], error) {
-	// ristretto wants ~10 counters per item it may hold; assume items of
-	// ~512 bytes, which errs towards more counters for small values.
-	counters := max(maxBytes/512*10, 1000)
 	store, err := ristretto.NewCache(&ristretto.Config[uint64, *entry[V]]{
-		NumCounters:        counters,
+		NumCounters:        admissionCounters(maxBytes),
 		MaxCost:            maxBytes,
 		BufferItems:        64,
-		IgnoreInternalCost: true, // entryOverhead accounts for it
+		IgnoreInternalCost: true, // entryCost accounts for it
 		KeyToHash:          func(h uint64) (uint64, uint64) { return h, 0 },
 	})
 	if err != nil {

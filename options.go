@@ -32,9 +32,22 @@ type Options struct {
 	// "42" of the other would be one Redis key, invalidated on two channels.
 	Namespace string
 
-	// LocalMaxBytes bounds L1. An entry costs its encoded size, plus its key,
-	// plus ~128 bytes of overhead. Default 64 MiB.
+	// LocalMaxBytes bounds the memory L1 holds: entries are charged an
+	// estimate of what their decoded values hold in memory (strings, slice
+	// backing arrays, maps and what pointers reach, once each), plus ~200
+	// bytes of the entry and ristretto's bookkeeping, or Cost if set. The
+	// live heap L1 accounts for stays within ~1.125 × LocalMaxBytes, and an
+	// empty L1 takes ~3% of it (counters and tables). Default 64 MiB.
 	LocalMaxBytes int64
+
+	// Cost, if set, returns what a value holds in memory, in bytes, in
+	// place of the estimate, which walks the value with reflection once per
+	// fill (a few µs for a value of thousands of pointers; never on a hit).
+	// Set it if values share memory the walk would count more than once, or
+	// hold memory it cannot see (unsafe, cgo, memory reached through funcs
+	// or channels). The entry's own overhead is added to it. It must be
+	// safe for concurrent use; if it panics, the estimate is used (logged).
+	Cost func(v any) int64
 
 	// LocalTTL is how long a value stays in L1. Default 1 minute. A value is
 	// also never kept in L1 longer than it has left in L2.

@@ -692,9 +692,13 @@ func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl 
 	}
 }
 
-// entry returns the L1 entry of v, or nil if it is too large for L1.
-func (c *Cache[V]) entry(key string, v V, notFound bool, size int, ttl time.Duration, remoteExpires int64, version uint64) *entry[V] {
-	cost := int64(size + len(key) + entryOverhead)
+// entry returns the L1 entry of v, or nil if it is too large for L1. It
+// is charged what it holds in memory (see entryCost), not the encoded size.
+func (c *Cache[V]) entry(key string, v V, notFound bool, _ int, ttl time.Duration, remoteExpires int64, version uint64) *entry[V] {
+	cost, p := entryCost(v, c.opts.Cost)
+	if p != nil {
+		c.panicLog.warn("tiered: Options.Cost panicked; using the estimate", "key", key, "panic", p)
+	}
 	if cost > c.opts.LocalMaxBytes {
 		c.stats.tooLarge.Add(1)
 		return nil

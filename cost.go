@@ -1,0 +1,240 @@
+package tiered
+
+import (
+	"reflect"
+	"sync"
+	"unsafe"
+)
+
+// L1's budget (Options.LocalMaxBytes) is in bytes of memory, so an entry is
+// charged what its decoded value holds in memory, not its encoding: a
+// []int of 1,000 small numbers is ~4 KB of JSON but 8 KB of Go, a short
+// string in a struct is a 16-byte header plus its bytes. The estimate is
+// made once per fill, Set or message carrying a value (never on a hit),
+// by walking the value with reflection:
+//
+//   - every allocation is rounded up to the size class Go would give it;
+//   - what a pointer, interface, slice, string or map refers to is counted
+//     once per value (shared pointers are visited once; strings and slices
+//     that share a backing array are not detected and counted each time);
+//   - a slice or map of more than costSample elements that hold pointers
+//     is charged the mean of its first costSample elements times its
+//     length, and the walk follows at most costPointers pointers and maps,
+//     so that the estimate is cheap and bounded whatever the value's graph
+//     (a linked list longer than that is undercharged: set Options.Cost).
+const (
+	costSample   = 64
+	costPointers = 4096
+)
+
+// entryOverhead is what an L1 entry costs beyond its value's out-of-line
+// memory: the entry (which holds V itself, see entryCost), ristretto's
+// item in its store shard map and its cost in the policy's map. Measured
+// with TestLocalMaxBytesBoundsTheLiveHeap.
+const entryOverhead = 144
+
+// entryCost returns what the entry of v costs in L1: the estimate of v's
+// memory (or Options.Cost's), plus the entry itself and ristretto's share.
+// If cost panics, the estimate is used, and the panic is returned.
+func entryCost[V any](v V, cost func(any) int64) (n int64, panicked any) {
+	size := int64(allocSize(unsafe.Sizeof(entry[V]{}))) + entryOverhead
+	if cost != nil {
+		n, panicked = callCost(cost, v)
+		if panicked == nil {
+			return size + max(n, 0), nil
+		}
+	}
+	return size + int64(referencedSize(reflect.ValueOf(&v).Elem())), panicked
+}
+
+func callCost(cost func(any) int64, v any) (n int64, panicked any) {
+	defer func() { panicked = recover() }()
+	return cost(v), nil
+}
+
+// referencedSize returns the bytes of memory v refers to, beyond its own
+// inline size.
+func referencedSize(v reflect.Value) uintptr {
+	if !typeHasPointers(v.Type()) {
+		return 0
+	}
+	w := costWalk{}
+	return w.refs(v)
+}
+
+type costWalk struct {
+	seen map[uintptr]struct{} // pointers and maps already counted
+}
+
+// refs returns the out-of-line memory v refers to.
+func (w *costWalk) refs(v reflect.Value) uintptr {
+	switch v.Kind() {
+	case reflect.String:
+		if v.Len() == 0 {
+			return 0
+		}
+		return allocSize(uintptr(v.Len()))
+	case reflect.Slice:
+		if v.IsNil() {
+			return 0
+		}
+		elem := v.Type().Elem()
+		n := allocSize(uintptr(v.Cap()) * elem.Size())
+		if typeHasPointers(elem) {
+			n += w.elems(v.Len(), func(i int) uintptr { return w.refs(v.Index(i)) })
+		}
+		return n
+	case reflect.Array:
+		if !typeHasPointers(v.Type().Elem()) {
+			return 0
+		}
+		return w.elems(v.Len(), func(i int) uintptr { return w.refs(v.Index(i)) })
+	case reflect.Struct:
+		var n uintptr
+		for i := range v.NumField() {
+			if f := v.Field(i); typeHasPointers(f.Type()) {
+				n += w.refs(f)
+			}
+		}
+		return n
+	case reflect.Pointer:
+		if v.IsNil() || !w.first(v.Pointer()) {
+			return 0
+		}
+		e := v.Elem()
+		return allocSize(e.Type().Size()) + w.refs(e)
+	case reflect.Interface:
+		if v.IsNil() {
+			return 0
+		}
+		e := v.Elem()
+		if e.Kind() == reflect.Pointer || e.Kind() == reflect.Map {
+			return w.refs(e) // stored in the interface word
+		}
+		return allocSize(e.Type().Size()) + w.refs(e) // boxed
+	case reflect.Map:
+		if v.IsNil() || !w.first(v.Pointer()) {
+			return 0
+		}
+		return mapSize(v.Type(), v.Len()) + w.mapRefs(v)
+	}
+	return 0 // numbers, bools; chans and funcs are not followed
+}
+
+// mapRefs returns what the keys and values of map m refer to.
+func (w *costWalk) mapRefs(m reflect.Value) uintptr {
+	kp, vp := typeHasPointers(m.Type().Key()), typeHasPointers(m.Type().Elem())
+	if !kp && !vp || m.Len() == 0 {
+		return 0
+	}
+	var n uintptr
+	seen := 0
+	for it := m.MapRange(); it.Next() && seen < costSample; seen++ {
+		if kp {
+			n += w.refs(it.Key())
+		}
+		if vp {
+			n += w.refs(it.Value())
+		}
+	}
+	return n * uintptr(m.Len()) / uintptr(seen)
+}
+
+// elems returns the sum of size(i) for i < n, extrapolated from the first
+// costSample.
+func (w *costWalk) elems(n int, size func(i int) uintptr) uintptr {
+	if n == 0 {
+		return 0
+	}
+	k := min(n, costSample)
+	var sum uintptr
+	for i := range k {
+		sum += size(i)
+	}
+	return sum * uintptr(n) / uintptr(k)
+}
+
+// first reports whether the pointer or map p is to be followed: not seen
+// before, and within costPointers.
+func (w *costWalk) first(p uintptr) bool {
+	if w.seen == nil {
+		w.seen = make(map[uintptr]struct{})
+	}
+	if _, ok := w.seen[p]; ok || len(w.seen) >= costPointers {
+		return false
+	}
+	w.seen[p] = struct{}{}
+	return true
+}
+
+// mapSize approximates the memory of a Go map of type t with n entries:
+// Swiss tables of groups of 8 slots (a control word and 8 keys and
+// values), at most 7/8 full, whose slot count doubles up to 1024 per table;
+// bigger maps split into tables that are between 7/16 and 7/8 full, about
+// 2/3 on average.
+func mapSize(t reflect.Type, n int) uintptr {
+	group := 8 + 8*(t.Key().Size()+t.Elem().Size())
+	const header = 48 // the map itself; each table's is about as big
+	if n <= 8 {
+		return allocSize(header) + allocSize(group)
+	}
+	slots := uintptr(16)
+	for slots*7/8 < uintptr(n) && slots < 1024 {
+		slots *= 2
+	}
+	if slots*7/8 < uintptr(n) {
+		tables := (uintptr(n)*3/2 + 1023) / 1024
+		return allocSize(header) + tables*(allocSize(header)+allocSize(128*group)+8)
+	}
+	return 2*allocSize(header) + allocSize(slots/8*group) + 8
+}
+
+// pointerTypes caches typeHasPointers per type.
+var pointerTypes sync.Map // reflect.Type -> bool
+
+// typeHasPointers reports whether values of t refer to other memory.
+func typeHasPointers(t reflect.Type) bool {
+	if b, ok := pointerTypes.Load(t); ok {
+		return b.(bool)
+	}
+	var b bool
+	switch t.Kind() {
+	case reflect.String, reflect.Slice, reflect.Pointer, reflect.Interface, reflect.Map:
+		b = true
+	case reflect.Array:
+		b = t.Len() > 0 && typeHasPointers(t.Elem())
+	case reflect.Struct:
+		for i := range t.NumField() {
+			if typeHasPointers(t.Field(i).Type) {
+				b = true
+				break
+			}
+		}
+	}
+	pointerTypes.Store(t, b)
+	return b
+}
+
+// allocSize returns the memory Go's allocator takes for an object of n
+// bytes: n rounded up to its size class (within a few percent of the real
+// classes below 32 KiB), or to 8 KiB pages above.
+func allocSize(n uintptr) uintptr {
+	switch {
+	case n == 0:
+		return 0
+	case n <= 16:
+		return (n + 7) &^ 7
+	case n <= 128:
+		return (n + 15) &^ 15
+	case n <= 32<<10:
+		// Classes step by about an eighth of the size: 128, 144, 160, ...
+		// 256, 288, ... 512, 576, ...
+		step := uintptr(16)
+		for step*16 < n {
+			step *= 2
+		}
+		return (n + step - 1) / step * step
+	default:
+		return (n + 8191) &^ 8191
+	}
+}
