@@ -376,3 +376,23 @@ func TestValuesOfBothEnvelopeFormatsAreRead(t *testing.T) {
 		t.Fatalf("format 3 value: %+v, %v", env, err)
 	}
 }
+
+func TestL1HitWithRefreshAfterDoesNotAllocate(t *testing.T) {
+	w := newFreshWorld(t)
+	a := w.instance(t, Options{RefreshAfter: time.Minute, StaleIfError: time.Minute})
+	ctx := context.Background()
+	load := constLoader("v")
+	if _, err := a.GetOrLoad(ctx, "k", load, WithLocalTTL(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if n := testing.AllocsPerRun(1000, func() {
+		if _, err := a.GetOrLoad(ctx, "k", load, WithLocalTTL(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Errorf("GetOrLoad hit before the refresh point: %v allocs, want 0", n)
+	}
+	if s := a.Stats(); s.LocalHits != 1001 {
+		t.Errorf("LocalHits %d, want 1001", s.LocalHits)
+	}
+}
