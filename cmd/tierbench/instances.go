@@ -57,12 +57,3 @@ func (in *instances) waitReady(ctx context.Context) error {
 	}
 	return nil
 }
-
-// shared sums the instances' Stats.Shared.
-func (in *instances) shared() uint64 {
-	var n uint64
-	for _, c := range in.caches {
-		n += c.Stats().Shared
-	}
-	return n
-}

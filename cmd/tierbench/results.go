@@ -27,6 +27,25 @@ type results struct {
 	Loader       loaderResult       `json:"loader"`
 	Invalidation invalidationResult `json:"invalidation"`
 	Stale        staleResult        `json:"stale_reads"`
+
+	// Hot is the reads of the hotKeys most popular keys, by any tier:
+	// across their expiries, where refresh-ahead shows. HotWithout is the
+	// same in the run without RefreshAfter, if -refresh-after asked for
+	// one.
+	Hot        hotResult  `json:"hot_keys"`
+	HotWithout *hotResult `json:"hot_keys_without_refresh,omitempty"`
+}
+
+type hotResult struct {
+	Keys         int     `json:"keys"`
+	RefreshAfter float64 `json:"refresh_after_seconds"`
+	Count        uint64  `json:"reads"`
+	P50us        float64 `json:"p50_us"`
+	P99us        float64 `json:"p99_us"`
+	P999us       float64 `json:"p999_us"`
+	MaxUs        float64 `json:"max_us"`
+	Loads        uint64  `json:"loader_calls"`      // all keys, reads and refreshes
+	Refreshes    uint64  `json:"refreshes_started"` // the instances' Stats.RefreshesStarted
 }
 
 type jsonConfig struct {
@@ -95,7 +114,7 @@ func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond)
 // collect merges the workers' and the prober's measurements. The workers
 // must have stopped.
 func collect(cfg config, redisName string, elapsed time.Duration, interrupted bool,
-	workers []*worker, pr *prober, d *db, shared uint64) *results {
+	workers []*worker, pr *prober, d *db, in *instances) *results {
 	r := &results{
 		cfg: cfg,
 		Config: jsonConfig{
@@ -110,7 +129,9 @@ func collect(cfg config, redisName string, elapsed time.Duration, interrupted bo
 		Stale:       staleResult{BoundMs: float64(staleBound) / float64(time.Millisecond)},
 	}
 	var hists [kinds]histogram
+	var hot histogram
 	for _, w := range workers {
+		hot.merge(&w.hot)
 		for k := range hists {
 			hists[k].merge(&w.hist[k])
 		}
@@ -135,7 +156,16 @@ func collect(cfg config, redisName string, elapsed time.Duration, interrupted bo
 		}
 		r.Tiers = append(r.Tiers, t)
 	}
+	var shared, refreshes uint64
+	for _, c := range in.caches {
+		s := c.Stats()
+		shared += s.Shared
+		refreshes += s.RefreshesStarted
+	}
 	r.Loader = loaderResult{Calls: d.loads.Load(), Requests: hists[readLoader].n, SharedFlights: shared}
+	r.Hot = hotResult{Keys: min(hotKeys, cfg.keys), RefreshAfter: cfg.refreshAfter.Seconds(), Count: hot.n,
+		P50us: us(hot.quantile(0.5)), P99us: us(hot.quantile(0.99)), P999us: us(hot.quantile(0.999)), MaxUs: us(time.Duration(hot.max)),
+		Loads: d.loads.Load(), Refreshes: refreshes}
 	inv := pr.snapshot()
 	r.Invalidation = invalidationResult{Samples: inv.n, Lost: pr.lost.Load(), Skipped: pr.skipped.Load(),
 		P50us: us(inv.quantile(0.5)), P99us: us(inv.quantile(0.99)), MaxUs: us(time.Duration(inv.max))}

@@ -42,7 +42,12 @@ type worker struct {
 	beyond atomic.Uint64 // ... more than bound before they started
 	errors atomic.Uint64
 	hist   [kinds]histogram
+	hot    histogram // reads of the hot keys, whichever tier answered
 }
+
+// hotKeys is how many of the most popular keys (the lowest indices, under
+// Zipf) count as hot.
+const hotKeys = 10
 
 func newWorker(seed uint64, c *tiered.Cache[*item], d *db, keys []string, cfg config, bound time.Duration) *worker {
 	w := &worker{cache: c, db: d, load: d.load, keys: keys, rng: rand.New(rand.NewPCG(seed, 0x7469657265)), cfg: cfg, bound: bound}
@@ -92,6 +97,9 @@ func (w *worker) read(ctx context.Context, i int) {
 	}
 	w.counts[k].Add(1)
 	w.hist[k].record(end - start)
+	if i < hotKeys {
+		w.hot.record(end - start)
+	}
 	stale, beyond := w.db.stale(i, it.Version, start, w.bound)
 	if stale {
 		w.stale.Add(1)
