@@ -28,8 +28,9 @@ type results struct {
 	Invalidation invalidationResult `json:"invalidation"`
 	Stale        staleResult        `json:"stale_reads"`
 
-	// Hot is the reads of the hotKeys most popular keys, by any tier:
-	// across their expiries, where refresh-ahead shows. HotWithout is the
+	// Hot is the reads of the hotKeys most popular keys, by any tier, from
+	// RemoteTTL/2 into the run on: across their expiries, where
+	// refresh-ahead shows, without the cold start. HotWithout is the
 	// same in the run without RefreshAfter, if -refresh-after asked for
 	// one.
 	Hot        hotResult  `json:"hot_keys"`

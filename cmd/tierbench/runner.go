@@ -72,6 +72,7 @@ func runBench(ctx context.Context, cfg config, progressOut io.Writer) (*results,
 	var wg sync.WaitGroup
 	start := since()
 	for _, w := range workers {
+		w.hotFrom = start + cfg.remoteTTL/2 // every hot key loaded, none expired yet
 		wg.Go(func() { w.run(stop) })
 	}
 	wg.Go(func() { pr.run(stop) })

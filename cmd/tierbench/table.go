@@ -46,7 +46,7 @@ func writeTable(out io.Writer, r *results) error {
 	fmt.Fprintf(&b, "stale reads   %d beyond the bound of %s (must be 0); %s within it (started after a write returned, before its invalidation arrived)\n",
 		s.Beyond, fmtDur(time.Duration(s.BoundMs*float64(time.Millisecond))), commas(s.Within))
 
-	fmt.Fprintf(&b, "\nhot keys      reads of the %d most popular keys, by any tier, across their expiries:\n", r.Hot.Keys)
+	fmt.Fprintf(&b, "\nhot keys      reads of the %d most popular keys, by any tier, across their expiries (from RemoteTTL/2 on: no cold start):\n", r.Hot.Keys)
 	tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "\treads\tp50\tp99\tp99.9\tmax\tloader calls\trefreshes\t")
 	for _, h := range r.hotRows() {

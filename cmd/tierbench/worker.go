@@ -42,7 +42,11 @@ type worker struct {
 	beyond atomic.Uint64 // ... more than bound before they started
 	errors atomic.Uint64
 	hist   [kinds]histogram
-	hot    histogram // reads of the hot keys, whichever tier answered
+	hot    histogram // reads of the hot keys, whichever tier answered, from hotFrom on
+	// hotFrom is when hot-key reads start to count (db.since): after the
+	// first loads of the run, so that what is measured is the reads across
+	// the keys' expiries, not the cold start.
+	hotFrom time.Duration
 }
 
 // hotKeys is how many of the most popular keys (the lowest indices, under
@@ -97,7 +101,7 @@ func (w *worker) read(ctx context.Context, i int) {
 	}
 	w.counts[k].Add(1)
 	w.hist[k].record(end - start)
-	if i < hotKeys {
+	if i < hotKeys && start >= w.hotFrom {
 		w.hot.record(end - start)
 	}
 	stale, beyond := w.db.stale(i, it.Version, start, w.bound)
