@@ -39,9 +39,11 @@ type entry[V any] struct {
 	epoch    uint64 // the subscription epoch when its fill began
 	notFound bool   // a remembered ErrNotFound
 
-	// Read by GetOrLoad hits: from when the value is refreshed
-	// (neverRefresh if not; see refresh.go).
-	refreshAt int64
+	// Read by GetOrLoad hits: from when the value is refreshed (see
+	// refresh.go); nil if never. A hit that starts a refresh moves it on,
+	// so that the next hits cost a comparison again; shared by the copies
+	// settle makes, which hold the same value.
+	refreshAt *atomic.Int64
 	// Read by failed loads: until when the value may be served as stale
 	// (Options.StaleIfError), if no invalidation removed it.
 	staleUntil int64

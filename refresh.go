@@ -5,6 +5,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -110,13 +111,20 @@ func (c *Cache[V]) refreshPoint(version uint64) int64 {
 }
 
 // maybeRefresh starts a refresh of key, whose value of version was read by
-// a GetOrLoad (or a batch read with a loader) with refresh point refreshAt,
-// if that point has passed. It is the one refresh decision of every read
-// path: L1 hits pass their entry's refreshAt and version, Redis hits
-// c.refreshPoint(version) and version.
-func (c *Cache[V]) maybeRefresh(ctx context.Context, key string, refreshAt int64, version uint64,
+// a GetOrLoad (or a batch read with a loader), if its refresh point has
+// passed. It is the one refresh decision of every read path: an L1 hit
+// passes its entry's refreshAt (the first hit past it moves it on by
+// RefreshAfter/10, so that one hit, not every hit, goes on to the table of
+// refreshes), a Redis hit nil (the point is drawn from version).
+func (c *Cache[V]) maybeRefresh(ctx context.Context, key string, refreshAt *atomic.Int64, version uint64,
 	load func(context.Context, string) (V, error), opts []ItemOption) {
-	if refreshAt > c.clock.now() {
+	now := c.clock.now()
+	if refreshAt != nil {
+		at := refreshAt.Load()
+		if at > now || !refreshAt.CompareAndSwap(at, addSat(now, int64(c.opts.RefreshAfter/10))) {
+			return
+		}
+	} else if c.refreshPoint(version) > now {
 		return
 	}
 	localTTL, remoteTTL, err := c.ttls(key, opts)

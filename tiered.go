@@ -155,7 +155,7 @@ func (c *Cache[V]) getMiss(ctx context.Context, key string) (V, Source, error) {
 func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 	load func(ctx context.Context, key string) (V, error), opts ...ItemOption) (V, error) {
 	if e, ok := c.local.get(key); ok {
-		if e.refreshAt != neverRefresh {
+		if e.refreshAt != nil && e.refreshAt.Load() <= c.clock.now() {
 			c.maybeRefresh(ctx, key, e.refreshAt, e.version, load, opts)
 		}
 		return e.result()
@@ -172,7 +172,7 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 func (c *Cache[V]) GetOrLoadFrom(ctx context.Context, key string,
 	load func(ctx context.Context, key string) (V, error), opts ...ItemOption) (V, Source, error) {
 	if e, ok := c.local.get(key); ok {
-		if e.refreshAt != neverRefresh {
+		if e.refreshAt != nil && e.refreshAt.Load() <= c.clock.now() {
 			c.maybeRefresh(ctx, key, e.refreshAt, e.version, load, opts)
 		}
 		v, err := e.result()
@@ -686,7 +686,7 @@ func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl 
 	}
 	if e := c.entry(key, v, notFound, size, ttl, remoteExpires, version); e != nil {
 		if outage {
-			e.staleUntil, e.refreshAt = e.expires, neverRefresh // no grace past the outage bound
+			e.staleUntil, e.refreshAt = e.expires, nil // no grace past the outage bound
 		}
 		c.local.set(t, e, outage)
 	}
@@ -702,7 +702,6 @@ func (c *Cache[V]) entry(key string, v V, notFound bool, size int, ttl time.Dura
 	e := &entry[V]{
 		value:      v,
 		expires:    min(addSat(c.clock.now(), int64(ttl)), remoteExpires),
-		refreshAt:  c.refreshPoint(version),
 		notFound:   notFound,
 		version:    version,
 		cost:       cost,
@@ -710,6 +709,10 @@ func (c *Cache[V]) entry(key string, v V, notFound bool, size int, ttl time.Dura
 	}
 	if !notFound {
 		e.staleUntil = addSat(remoteExpires, int64(c.opts.StaleIfError))
+	}
+	if at := c.refreshPoint(version); at != neverRefresh {
+		e.refreshAt = new(atomic.Int64)
+		e.refreshAt.Store(at)
 	}
 	return e
 }
