@@ -81,8 +81,21 @@ func (g *gatedLoader) load(ctx context.Context, _ string) (string, error) {
 }
 
 func TestRefreshAfterReturnsTheValueAtOnceAndRefreshesItEverywhere(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		localTTL time.Duration
+		src      Source // of the read past RefreshAfter
+	}{
+		{"L1 hit", time.Hour, SourceLocal},
+		{"Redis hit", 90 * time.Second, SourceRemote}, // L1 has dropped the value when it is read
+	} {
+		t.Run(tc.name, func(t *testing.T) { testRefreshAfterReturnsTheValueAtOnce(t, tc.localTTL, tc.src) })
+	}
+}
+
+func testRefreshAfterReturnsTheValueAtOnce(t *testing.T, localTTL time.Duration, src Source) {
 	w := newFreshWorld(t)
-	opts := Options{RefreshAfter: time.Minute}
+	opts := Options{RefreshAfter: time.Minute, LocalTTL: localTTL}
 	a, b := w.instance(t, opts), w.instance(t, opts)
 	ctx := context.Background()
 	if v, err := a.GetOrLoad(ctx, "k", constLoader("v1")); v != "v1" || err != nil {
@@ -94,8 +107,8 @@ func TestRefreshAfterReturnsTheValueAtOnceAndRefreshesItEverywhere(t *testing.T)
 	w.advance(2 * time.Minute)
 
 	slow := newGatedLoader("v2") // held until the call has returned
-	if v, err := a.GetOrLoad(ctx, "k", slow.load); v != "v1" || err != nil {
-		t.Fatalf("read past RefreshAfter: %q, %v; want v1 at once", v, err)
+	if v, got, err := a.GetOrLoadFrom(ctx, "k", slow.load); v != "v1" || got != src || err != nil {
+		t.Fatalf("read past RefreshAfter: %q from %v, %v; want v1 from %v at once", v, got, err, src)
 	}
 	<-slow.started // the refresh runs in the background
 	close(slow.gate)
