@@ -87,9 +87,9 @@ type Options struct {
 	// RefreshAfter/2 and RefreshAfter, on average RefreshAfter/10 early
 	// (XFetch), so that instances do not refresh in lockstep. A refresh that
 	// fails leaves the value, and is not retried on this instance before
-	// RefreshAfter/10. Get never refreshes. Pick it below the TTLs
-	// (RemoteTTL, and LocalTTL, or L1 misses go to Redis first). Zero (the
-	// default) disables refreshing.
+	// RefreshAfter/10. Get never refreshes. Pick it below RemoteTTL: a
+	// value that expires first is loaded as before. Zero (the default)
+	// disables refreshing.
 	RefreshAfter time.Duration
 
 	// StaleIfError, if positive, keeps values StaleIfError past their

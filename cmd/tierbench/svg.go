@@ -56,7 +56,7 @@ func svgGroups(r *results) []svgGroup {
 func writeSVG(w io.Writer, r *results) error {
 	groups := svgGroups(r)
 	// Wide enough for every group's label: more groups widen the chart.
-	width := max(svgW, svgLeft+svgRight+len(groups)*118)
+	width := max(svgW, svgLeft+svgRight+len(groups)*160) // 4 bars and their labels a group
 	plotW := width - svgLeft - svgRight
 	lo, hi := math.Inf(1), math.Inf(-1)
 	for _, g := range groups {
@@ -132,7 +132,7 @@ func writeSVG(w io.Writer, r *results) error {
 			x, top := x0+float64(si)*barW, y(float64(v))
 			fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s %s: %s</title></rect>`+"\n",
 				x+1, top, barW-2, base-top, svgSeries[si].color, html.EscapeString(g.label), svgSeries[si].name, fmtDur(v))
-			text(x+barW/2, top-4, 10, "middle", svgInkDark, fmtDur(v), "")
+			text(x+barW/2, top-4, 9, "middle", svgInkDark, fmtDur(v), "")
 		}
 		cx := svgLeft + (float64(gi)+0.5)*groupW
 		text(cx, base+20, 13, "middle", svgInkDark, g.label, ` font-weight="bold"`)
