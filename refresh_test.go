@@ -218,6 +218,7 @@ func TestASetOrDeleteDuringARefreshWins(t *testing.T) {
 			waitUntil(t, 5*time.Second, "the refresh's write-back fenced off", func() bool {
 				return a.Stats().FenceRejections == 1
 			})
+			coreWaitInvalidations(t, a, 1) // b's write, as a sees it
 			for _, c := range []*Cache[string]{a, b} {
 				v, err := c.Get(ctx, "k")
 				if tc.want == "" && !errors.Is(err, ErrNotFound) || tc.want != "" && v != tc.want {
