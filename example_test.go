@@ -443,7 +443,7 @@ func Example_freshness() {
 	prices, err := tiered.New[string](tiered.Options{
 		Redis:           rdb,
 		Namespace:       "prices",
-		RemoteTTL:       300 * time.Millisecond, // short, for the example
+		RemoteTTL:       time.Second, // short, for the example
 		RemoteTTLJitter: -1,
 		RefreshAfter:    100 * time.Millisecond, // refreshed from 50-100 ms of age on
 		StaleIfError:    time.Minute,            // kept a minute past expiry, for failed loads
@@ -472,8 +472,8 @@ func Example_freshness() {
 	}
 	fmt.Println("refreshed in the background:", p)
 
-	time.Sleep(400 * time.Millisecond) // the value expires...
-	mr.FastForward(400 * time.Millisecond)
+	time.Sleep(1100 * time.Millisecond) // the value expires...
+	mr.FastForward(1100 * time.Millisecond)
 	p, err = prices.GetOrLoad(ctx, "apple", price("", errors.New("database down")))
 	fmt.Println("load failed, within StaleIfError:", p, err) // ... and is served on a failed load
 
