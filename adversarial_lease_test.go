@@ -132,7 +132,16 @@ func rawPayload(t testing.TB, rdb redis.Cmdable, ns, key string) (string, bool) 
 	if err != nil || len(b) < 18 {
 		t.Fatalf("GET %s:%s: %q %v", ns, key, b, err)
 	}
-	return string(b[18:]), true
+	return string(b[payloadAt(b):]), true
+}
+
+// payloadAt returns where the payload of envelope b starts: after the
+// header of its format (leases are format 2, 18 bytes; values format 3, 26).
+func payloadAt(b []byte) int {
+	if len(b) >= 26 && b[0] == 3 {
+		return 26
+	}
+	return 18
 }
 
 func awaitLeased(t testing.TB, rdb redis.Cmdable, ns, key string, waited bool) {

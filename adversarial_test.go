@@ -299,7 +299,7 @@ func getFrom(c *tiered.Cache[string], key string) (string, bool, error) {
 }
 
 // redisHolds returns the value Redis holds for key of namespace ns (the
-// payload of the envelope: byte 1 is the kind, the payload starts at 18),
+// payload of the envelope: byte 1 is the kind, the payload starts at 26),
 // and whether it holds one.
 func redisHolds(t testing.TB, mr *miniredis.Miniredis, ns, key string) (string, bool) {
 	t.Helper()
@@ -307,10 +307,10 @@ func redisHolds(t testing.TB, mr *miniredis.Miniredis, ns, key string) (string, 
 	if errors.Is(err, miniredis.ErrKeyNotFound) {
 		return "", false
 	}
-	if err != nil || len(raw) < 18 || raw[1] != 0 {
+	if err != nil || len(raw) < 26 || raw[1] != 0 {
 		t.Fatalf("redis holds %q for %s (%v); want a value envelope", raw, key, err)
 	}
-	return raw[18:], true
+	return raw[payloadAt([]byte(raw)):], true
 }
 
 func describe(v string, err error) string {
@@ -833,7 +833,7 @@ func describeMessage(p string) string {
 		rest = rest[w+int(n):]
 		if p[0] == 'v' {
 			if len(rest) >= 18 {
-				out += " value=" + rest[18:]
+				out += " value=" + rest[payloadAt([]byte(rest)):]
 			}
 			break
 		}

@@ -39,7 +39,7 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 	}
 	c.stats.batchCalls.Add(1)
 	out := make(map[string]V, len(keys))
-	misses := c.missesOf(keys, out, nil)
+	misses := c.missesOf(ctx, keys, out, nil, nil)
 	if len(misses) == 0 {
 		return out, nil
 	}
@@ -103,7 +103,11 @@ func (c *Cache[V]) GetOrLoadMany(ctx context.Context, keys []string,
 	c.stats.batchCalls.Add(1)
 	out := make(map[string]V, len(keys))
 	var err error
-	for pending := c.missesOf(keys, out, opts); len(pending) > 0 && err == nil; {
+	var refresh func(context.Context, string) (V, error) // for refresh-ahead, which loads one key
+	if c.opts.RefreshAfter > 0 {
+		refresh = loadOne(load)
+	}
+	for pending := c.missesOf(ctx, keys, out, opts, refresh); len(pending) > 0 && err == nil; {
 		pending, err = c.loadMany(ctx, pending, load, out)
 	}
 	return out, err
@@ -113,6 +117,7 @@ func (c *Cache[V]) GetOrLoadMany(ctx context.Context, keys []string,
 type batchKey[V any] struct {
 	key                 string
 	t                   ticket // taken before the read
+	wt                  ticket // taken before the write-back
 	localTTL, remoteTTL time.Duration
 
 	call     *flightCall[V] // the key's GetOrLoad flight, led or joined
@@ -140,8 +145,11 @@ func (c *Cache[V]) usableKeys(keys []string) error {
 }
 
 // missesOf puts the L1 hits among keys in out and returns the other keys,
-// once each, with their tickets.
-func (c *Cache[V]) missesOf(keys []string, out map[string]V, opts []ItemOption) []*batchKey[V] {
+// once each, with their tickets. With refresh (GetOrLoadMany with
+// RefreshAfter), a hit past its refresh point starts a refresh of its key,
+// as GetOrLoad's does.
+func (c *Cache[V]) missesOf(ctx context.Context, keys []string, out map[string]V, opts []ItemOption,
+	refresh func(context.Context, string) (V, error)) []*batchKey[V] {
 	var misses []*batchKey[V]
 	var slab []batchKey[V]   // the misses, in one allocation
 	var seen map[string]bool // made at the first miss, like slab: hits cost only out
@@ -152,6 +160,9 @@ func (c *Cache[V]) missesOf(keys []string, out map[string]V, opts []ItemOption) 
 		if e, ok := c.local.get(k); ok {
 			if !e.notFound {
 				out[k] = e.value
+			}
+			if refresh != nil && e.refreshAt != nil && e.refreshAt.Load() <= c.clock.now() {
+				c.maybeRefresh(ctx, k, e.refreshAt, e.version, refresh, opts)
 			}
 			continue
 		}
@@ -214,8 +225,12 @@ func (c *Cache[V]) loadMany(ctx context.Context, ks []*batchKey[V],
 		case r.err == nil:
 			out[k.key] = r.val
 		case errors.Is(r.err, ErrNotFound):
-		case first == nil:
-			first = r.err
+		default:
+			if sv, ok := c.stale(k.key, r.err); ok { // StaleIfError, as for GetOrLoad
+				out[k.key] = sv
+			} else if first == nil {
+				first = r.err
+			}
 		}
 		if !k.led {
 			c.stats.shared.Add(1)
@@ -253,6 +268,9 @@ func (c *Cache[V]) leadMany(ctx context.Context, ks []*batchKey[V],
 		case k.res == fetchHit:
 			c.loads.finish(k.key, k.call, v, SourceRemote, nil, false)
 			out[k.key], k.resolved = v, true
+			if c.opts.RefreshAfter > 0 && c.refreshPoint(k.found.version) <= c.clock.now() {
+				c.refresh(ctx, k.key, k.found.version, loadOne(load), k.localTTL, k.remoteTTL)
+			}
 		case k.res == fetchNotFound:
 			c.loads.finish(k.key, k.call, v, SourceRemote, ErrNotFound, false)
 			k.resolved = true
@@ -263,7 +281,7 @@ func (c *Cache[V]) leadMany(ctx context.Context, ks []*batchKey[V],
 			c.loads.finish(k.key, k.call, v, SourceNone, ctx.Err(), true)
 		case k.res == fetchLeased:
 			c.loads.detach(ctx, k.key, k.call, readThenLoad(c.loadRead(k.key, k.t, loadOne(load), k.localTTL, k.remoteTTL)))
-		default: // fetchMiss, fetchCorrupt, or fetchFailed: Redis is down
+		default: // fetchMiss, fetchCorrupt, fetchStale (fenced by its version), or fetchFailed: Redis is down
 			if leases && k.res == fetchMiss {
 				k.found = held{mode: fillLease, value: token}
 				c.stats.leasesGranted.Add(1)
@@ -366,17 +384,18 @@ func (c *Cache[V]) writeBack(ctx context.Context, ks []*batchKey[V], m map[strin
 		k.val = k.w.v
 		if k.res == fetchFailed {
 			// Redis did not answer the read: do not wait for it again.
-			c.filled(ctx, k.key, k.t, &k.w, k.found.mode, fillReply{}, true)
+			c.filled(ctx, k.key, k.t, k.t, &k.w, k.found.mode, fillReply{}, true)
 			continue
 		}
-		fills = append(fills, fillCall{key: k.key, env: k.w.env, ttl: k.w.ttl, mode: k.found.mode, held: k.found.value,
+		k.wt = c.local.begin(k.key) // for a fillVersion write-back, kept like a Set's
+		fills = append(fills, fillCall{key: k.key, env: k.w.env, ttl: k.w.ttl, mode: k.found.mode, held: k.found.fence(),
 			head: messageHead(k.w.msg, c.id), tail: encodeKeys(k.key), withValue: k.w.msg == msgValue})
 		filling = append(filling, k)
 	}
 	if len(fills) > 0 {
 		for i, r := range c.remote.fillMany(ctx, fills) {
 			k := filling[i]
-			if !c.filled(ctx, k.key, k.t, &k.w, k.found.mode, r, false) && k.found.mode == fillLease {
+			if !c.filled(ctx, k.key, k.t, k.wt, &k.w, k.found.mode, r, false) && k.found.mode == fillLease {
 				release = append(release, c.releaseOf(k.key, msgKeys))
 			}
 		}

@@ -11,7 +11,7 @@
 // few atomic operations, with no decoding and no allocation. On a miss,
 // concurrent callers of one key in one process share one flight, which
 // reads Redis, where values sit in a small envelope (format, kind, version,
-// expiry, encoded value), and on a hit fills L1 for no longer than the
+// expiry, refresh lease, encoded value), and on a hit fills L1 for no longer than the
 // Redis entry has left. If Redis does not have the key, GetOrLoad's read
 // takes the key's lease in the same round trip, calls the loader, and
 // writes the result back if no Set or Delete came meanwhile (see Leases).
@@ -65,6 +65,25 @@
 // A writer that bypasses the cache (a plain SET or DEL in Redis) is not
 // fenced.
 //
+// # Freshness
+//
+// With Options.RefreshAfter, a GetOrLoad that finds a value older than its
+// refresh point (its age counts from its write to Redis; the point is drawn
+// once per L1 entry, XFetch-style, between RefreshAfter/2 and
+// RefreshAfter) returns it at once and reloads it in the background: one
+// refresh per key per process, and one per value across the fleet, under
+// a refresh lease kept inside the value's envelope so that the value stays
+// served. The write-back is fenced by the version the refresh began from
+// (a Set or Delete meanwhile wins) and published like a Set. A failed
+// refresh leaves the value and is retried on that instance no sooner than
+// RefreshAfter/10. Get never refreshes.
+//
+// With Options.StaleIfError, Redis and L1 keep a value that long past its
+// expiry without serving it as fresh; a GetOrLoad whose load fails (error,
+// panic, LoadTimeout) returns it with a nil error instead of the load's
+// error. A value removed by a Set, Delete or subscription gap is never
+// served stale.
+//
 // # Failures
 //
 // A Redis outage makes the cache slower, never the service unavailable:
@@ -96,5 +115,8 @@
 // All instances that share a Namespace must run the same version of this
 // package until v1: the envelope and message formats may change between
 // versions (a value in an older format reads as a miss). Deploy a new
-// version under a new Namespace. Redis must be 6.0 or later.
+// version under a new Namespace, except where the README says a rolling
+// upgrade works (envelope format 3, which this version introduced: an
+// older instance reads its values as misses and overwrites them). Redis
+// must be 6.0 or later.
 package tiered

@@ -520,3 +520,61 @@ func ExampleOptions_cost() {
 	fmt.Println(len(b), err)
 	// Output: 7 <nil>
 }
+
+// Options.RefreshAfter refreshes a value in the background once it is old
+// enough, while readers keep getting the current one; Options.StaleIfError
+// serves the last value when a load fails shortly after it expired.
+func Example_freshness() {
+	mr, err := miniredis.Run()
+	if err != nil {
+		panic(err)
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+	prices, err := tiered.New[string](tiered.Options{
+		Redis:           rdb,
+		Namespace:       "prices",
+		RemoteTTL:       time.Second, // short, for the example
+		RemoteTTLJitter: -1,
+		RefreshAfter:    100 * time.Millisecond, // refreshed from 50-100 ms of age on
+		StaleIfError:    time.Minute,            // kept a minute past expiry, for failed loads
+	})
+	if err != nil {
+		panic(err)
+	}
+	defer prices.Close()
+	ctx := context.Background()
+	if err := prices.WaitReady(ctx); err != nil {
+		panic(err)
+	}
+	price := func(v string, err error) func(context.Context, string) (string, error) {
+		return func(context.Context, string) (string, error) { return v, err }
+	}
+
+	p, _ := prices.GetOrLoad(ctx, "apple", price("1.00", nil))
+	fmt.Println("loaded:", p)
+
+	time.Sleep(150 * time.Millisecond) // the value ages past its refresh point
+	p, _ = prices.GetOrLoad(ctx, "apple", price("1.10", nil))
+	fmt.Println("past RefreshAfter, returned at once:", p)
+	for deadline := time.Now().Add(5 * time.Second); p != "1.10" && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+		p, _ = prices.Get(ctx, "apple")
+	}
+	fmt.Println("refreshed in the background:", p)
+
+	time.Sleep(1100 * time.Millisecond) // the value expires...
+	mr.FastForward(1100 * time.Millisecond)
+	p, err = prices.GetOrLoad(ctx, "apple", price("", errors.New("database down")))
+	fmt.Println("load failed, within StaleIfError:", p, err) // ... and is served on a failed load
+
+	s := prices.Stats()
+	fmt.Println("refreshes:", s.RefreshesStarted, "stale served:", s.StaleServed)
+	// Output:
+	// loaded: 1.00
+	// past RefreshAfter, returned at once: 1.00
+	// refreshed in the background: 1.10
+	// load failed, within StaleIfError: 1.10 <nil>
+	// refreshes: 1 stale served: 1
+}

@@ -152,7 +152,9 @@ func TestAFillInvalidatedWhilePendingIsNotHandedToRistretto(t *testing.T) {
 		t.Fatal(err)
 	}
 	coreWaitInvalidations(t, c, 1)
-	clk.set(time.Now().Add(time.Hour))
+	// Past the fill's delay, not past the value's expiry in Redis (read as
+	// expired, it would be a miss: see fetchStale).
+	clk.set(time.Now().Add(time.Minute))
 	got, err := c.Get(ctx, "k") // hands the batch over, then reads Redis
 	coreWant(t, "Get after another instance's Set", got, err, "new")
 	c.local.store.Wait()

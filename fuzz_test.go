@@ -19,6 +19,12 @@ func FuzzDecodeEnvelope(f *testing.F) {
 	f.Add(encodeEnvelope(kindValue, 1_700_000_000_000_000_000, []byte(`{"ID":"42"}`)))
 	f.Add(encodeEnvelope(kindNotFound, 1_700_000_000_000_000_000, nil))
 	f.Add(encodeEnvelope(kindLease, 1_700_000_000_000_000_000, make([]byte, leaseTokenBytes)))
+	f.Add(encodeEnvelopeV2(kindValue, 1_700_000_000_000_000_000, []byte(`{"ID":"42"}`)))
+	f.Add(encodeEnvelopeV2(kindNotFound, 1_700_000_000_000_000_000, nil))
+	held := encodeEnvelope(kindValue, 1_700_000_000_000_000_000, []byte("v"))
+	binary.BigEndian.PutUint64(held[refreshLeaseAt:], 1_700_000_000_000) // under a refresh lease
+	f.Add(held)
+	f.Add(append([]byte{envelopeV3, kindLease}, make([]byte, 24+leaseTokenBytes)...)) // leases are format 2 only
 	f.Fuzz(func(t *testing.T, b []byte) {
 		orig := bytes.Clone(b)
 		e, err := decodeEnvelope(b)
@@ -39,6 +45,12 @@ func FuzzDecodeEnvelope(f *testing.F) {
 			t.Fatalf("negative expiry %d", e.expires)
 		}
 		re := encodeEnvelope(e.kind, e.expires, e.payload)
+		switch {
+		case b[0] == envelopeV2 && !e.isLease():
+			re = encodeEnvelopeV2(e.kind, e.expires, e.payload) // read, never written any more
+		case b[0] == envelopeV3:
+			copy(re[refreshLeaseAt:envelopeHeader], b[refreshLeaseAt:envelopeHeader]) // set by a script
+		}
 		binary.BigEndian.PutUint64(re[versionAt:], e.version)
 		if ms := binary.BigEndian.Uint64(b[10:]); ms > math.MaxInt64/1_000_000 {
 			// A saturated expiry ("never") does not re-encode as read.
@@ -88,4 +100,14 @@ func FuzzDecodeInvalidation(f *testing.F) {
 			t.Fatalf("re-encoding does not round-trip:\n in  %x\n out %x", p, re)
 		}
 	})
+}
+
+// encodeEnvelopeV2 is encodeEnvelope of format 2 for values, as instances
+// before format 3 wrote them.
+func encodeEnvelopeV2(kind byte, expiresUnixNano int64, payload []byte) []byte {
+	b := make([]byte, envelopeHeaderV2+len(payload))
+	b[0], b[1] = envelopeV2, kind
+	binary.BigEndian.PutUint64(b[10:], uint64(max(expiresUnixNano, 0)/1_000_000))
+	copy(b[envelopeHeaderV2:], payload)
+	return b
 }

@@ -54,6 +54,15 @@ type entry[V any] struct {
 	epoch    uint64 // the subscription epoch when its fill began
 	notFound bool   // a remembered ErrNotFound
 
+	// Read by GetOrLoad hits: from when the value is refreshed (see
+	// refresh.go); nil if never. A hit that starts a refresh moves it on,
+	// so that the next hits cost a comparison again; shared by the copies
+	// settle makes, which hold the same value.
+	refreshAt *atomic.Int64
+	// Read by failed loads: until when the value may be served as stale
+	// (Options.StaleIfError), if no invalidation removed it.
+	staleUntil int64
+
 	// Read by writes and invalidations.
 	fenced  bool   // kept by wrote or heard, under a generation of its own
 	version uint64 // the version Redis gave the value; 0 if it has none
@@ -181,6 +190,30 @@ func (l *local[V]) get(key string) (*entry[V], bool) {
 		}
 	}
 	r.misses.Add(1)
+	return nil, false
+}
+
+// stale returns the key's entry if it may be served as stale: expired or
+// not, it was filled under a ticket that is still current and its grace
+// (staleUntil) lasts. A value invalidated since is never served as stale.
+func (l *local[V]) stale(key string) (*entry[V], bool) {
+	h, check := l.hash(key), l.check(key)
+	gen, epoch, now := l.gen(h).Load(), l.epoch.Load(), l.clock.now()
+	ok := func(e *entry[V]) bool {
+		return e.check == check && e.gen == gen && e.epoch == epoch && !e.notFound && now < e.staleUntil
+	}
+	l.mu.RLock()
+	e, found := (*entry[V])(nil), false
+	if !l.closed {
+		e, found = l.store.Get(h)
+	}
+	l.mu.RUnlock()
+	if found && ok(e) {
+		return e, true
+	}
+	if e, found := l.fills.lookup(h); found && ok(e) {
+		return e, true
+	}
 	return nil, false
 }
 

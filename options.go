@@ -90,6 +90,32 @@ type Options struct {
 	// deleted value can come back until RemoteTTL).
 	LoadLease time.Duration
 
+	// RefreshAfter, if positive, refreshes values ahead of their expiry: a
+	// GetOrLoad (L1 or Redis hit) of a value older than its refresh point
+	// returns the value at once and reloads it in the background, one load
+	// per key across the fleet (under the value's refresh lease), bounded by
+	// LoadTimeout, fenced like a load (a Set or Delete during the refresh
+	// wins) and published like a Set. A value's age is counted from its
+	// write to Redis; its refresh point is drawn once per L1 entry between
+	// RefreshAfter/2 and RefreshAfter, on average RefreshAfter/10 early
+	// (XFetch), so that instances do not refresh in lockstep. A refresh that
+	// fails leaves the value, and is not retried on this instance before
+	// RefreshAfter/10. Get never refreshes. Pick it below RemoteTTL: a
+	// value that expires first is loaded as before. Zero (the default)
+	// disables refreshing.
+	RefreshAfter time.Duration
+
+	// StaleIfError, if positive, keeps values StaleIfError past their
+	// expiry, in Redis and in L1, without serving them as fresh: if a
+	// GetOrLoad's load fails (an error other than ErrNotFound, a panic, or
+	// LoadTimeout) while the key's last value is in that grace period, it
+	// returns that value with a nil error (counted in Stats.StaleServed,
+	// logged once per burst). A value invalidated by a Set or Delete is
+	// never served stale, nor one kept only in L1 during an outage, nor a
+	// remembered not-found. Redis memory grows accordingly. Zero (the
+	// default) disables it.
+	StaleIfError time.Duration
+
 	// HeartbeatInterval is how often the invalidation subscription proves it
 	// is alive: a PING on its own connection. A subscription with a PING
 	// unanswered and no answer for 3 intervals is declared dead: L1 is
@@ -165,7 +191,8 @@ func (o Options) withDefaults() (Options, error) {
 		return o, fmt.Errorf("%w: Options.Namespace is empty", ErrInvalidOption)
 	case o.LocalMaxBytes < 0:
 		return o, fmt.Errorf("%w: Options.LocalMaxBytes is negative", ErrInvalidOption)
-	case o.LocalTTL < 0, o.RemoteTTL < 0, o.NegativeTTL < 0, o.LoadTimeout < 0, o.HeartbeatInterval < 0:
+	case o.LocalTTL < 0, o.RemoteTTL < 0, o.NegativeTTL < 0, o.LoadTimeout < 0, o.HeartbeatInterval < 0,
+		o.RefreshAfter < 0, o.StaleIfError < 0:
 		return o, fmt.Errorf("%w: negative duration in Options", ErrInvalidOption)
 	case o.RemoteTTLJitter >= 1 || math.IsNaN(o.RemoteTTLJitter) || math.IsInf(o.RemoteTTLJitter, 0):
 		return o, fmt.Errorf("%w: Options.RemoteTTLJitter must be a number below 1", ErrInvalidOption)

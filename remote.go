@@ -28,7 +28,8 @@ local function next_version(key)
   local v = clock
   if redis.call('TYPE', key).ok == 'string' then
     local h = redis.call('GETRANGE', key, 0, 9)
-    if #h == 10 and string.byte(h, 1) == 2 then
+    local f = string.byte(h, 1)
+    if #h == 10 and (f == 2 or f == 3) then
       local old = 0
       for i = 3, 10 do old = old * 256 + string.byte(h, i) end
       if old < 4503599627370496 and old >= v then v = old + 1 end
@@ -76,13 +77,17 @@ return v`)
 // fillScript stores a loaded value if the key still holds what the load
 // found there (ARGV[3]): nothing ("absent"), the same corrupt string
 // ("same", ARGV[4]), a value of another Redis type ("type", deleted
-// first), or the load's own lease ("lease", its token in ARGV[4]). A Set or
-// Delete while the load ran is newer than the loaded value and wins: it
-// replaced or removed what the load found, lease included (only "absent",
-// used with leases off, cannot tell a Delete from nothing). If another
-// instance waits for the lease, the script publishes the value's
-// invalidation, made like writeScript's from ARGV[5-8], to wake it. It
-// returns {version, 1 if it published}, or nil if it stored nothing.
+// first), the load's own lease ("lease", its token in ARGV[4]), or the
+// value of version ARGV[4][1-8] ("version": a refresh, or the reload of a
+// value in its grace period), held under the refresh lease ARGV[4][9-16]
+// if given. A Set or Delete while the load ran is newer than the loaded
+// value and wins: it replaced or removed what the load found, lease
+// included (only "absent", used with leases off, cannot tell a Delete from
+// nothing). If another instance waits for the lease, or the load replaces
+// a value ("version": other instances may hold it in L1), the script
+// publishes the value's invalidation, made like writeScript's from
+// ARGV[5-8]. It returns {version, 1 if it published}, or nil if it stored
+// nothing.
 var fillScript = redis.NewScript(versionLua + `
 local cur = redis.pcall('GET', KEYS[1])
 local waited = false
@@ -94,6 +99,10 @@ elseif cur then
     local k = string.byte(cur, 2)
     if not (string.byte(cur, 1) == 2 and (k == 2 or k == 3) and string.sub(cur, 19) == ARGV[4]) then return false end
     waited = k == 3
+  elseif ARGV[3] == 'version' then
+    if not (string.byte(cur, 1) == 3 and #cur >= 26 and string.sub(cur, 3, 10) == string.sub(ARGV[4], 1, 8)
+      and (#ARGV[4] == 8 or string.sub(cur, 19, 26) == string.sub(ARGV[4], 9, 16))) then return false end
+    waited = true
   elseif not (ARGV[3] == 'same' and cur == ARGV[4]) then
     return false
   end
@@ -156,6 +165,34 @@ if k == 3 then
   redis.call('PUBLISH', ARGV[2], ARGV[3] .. v .. ARGV[4])
   return 2
 end
+return 1`)
+
+// refreshLeaseScript takes the refresh lease of the value of version
+// ARGV[1] for ARGV[2] ms, without changing the value (SETRANGE keeps it and
+// its TTL; see refresh.go): it returns the lease, the 8 bytes of its end in
+// Redis' Unix milliseconds, which are the lease's token, or nil if the key
+// holds another version (a Set, Delete or refresh came first) or another
+// refresh holds the lease. Ends only grow (a lease is taken only once the
+// last one ended), so no two leases of a value share a token.
+var refreshLeaseScript = redis.NewScript(versionLua + `
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) ~= 'string' or string.byte(cur, 1) ~= 3 or #cur < 26 or string.sub(cur, 3, 10) ~= ARGV[1] then return false end
+local now = math.floor(clock / 1000)
+local held = 0
+for i = 19, 26 do held = held * 256 + string.byte(cur, i) end
+if held > now then return false end
+local lease = be64(now + tonumber(ARGV[2]))
+redis.call('SETRANGE', KEYS[1], 18, lease)
+return lease`)
+
+// releaseRefreshScript gives up the refresh lease ARGV[2] of the value of
+// version ARGV[1] (the refresh failed), so that another instance may
+// refresh it at once. It returns 1 if it released it.
+var releaseRefreshScript = redis.NewScript(`
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) ~= 'string' or string.byte(cur, 1) ~= 3 or #cur < 26 or string.sub(cur, 3, 10) ~= ARGV[1]
+  or string.sub(cur, 19, 26) ~= ARGV[2] then return 0 end
+redis.call('SETRANGE', KEYS[1], 18, string.rep('\0', 8))
 return 1`)
 
 // A Delete's keys are sent in scripts of at most maxKeysPerScript keys
@@ -246,8 +283,8 @@ func parseVersion(cmd *redis.Cmd) (uint64, error) {
 }
 
 // fillMode says what a load found in Redis, which its write-back may
-// replace: nothing, a corrupt string, a value of another type, or its own
-// lease.
+// replace: nothing, a corrupt string, a value of another type, its own
+// lease, or a value of a given version.
 type fillMode int
 
 const (
@@ -255,19 +292,21 @@ const (
 	fillSame
 	fillWrongType
 	fillLease
+	fillVersion
 )
 
-var fillModes = [...]string{fillAbsent: "absent", fillSame: "same", fillWrongType: "type", fillLease: "lease"}
+var fillModes = [...]string{fillAbsent: "absent", fillSame: "same", fillWrongType: "type", fillLease: "lease", fillVersion: "version"}
 
 // fill stores a loaded value under key if Redis still holds what the load
 // found (mode; held is the corrupt value for fillSame, the lease token for
-// fillLease). A value written by Set or a Delete while the load ran is
+// fillLease, the version and refresh lease, if any, for fillVersion). A value written by Set or a Delete while the load ran is
 // newer than the loaded one and must win. It returns the version Redis gave
 // the value, or stored false. No other instance serves the key from L1
 // while Redis has no value for it (but values it loaded during an outage,
 // which live no longer than its breaker stays open), so the invalidation,
 // made of head and tail around the version (with env if withValue), is
-// published only to wake instances that wait for the lease; published says
+// published only to wake instances that wait for the lease, or, with
+// fillVersion, to replace the value other instances hold; published says
 // whether it was.
 func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Duration, mode fillMode, held []byte,
 	head, tail []byte, withValue bool) (version uint64, stored, published bool, err error) {
@@ -348,6 +387,46 @@ func parseLease(reply []any) (b []byte, state leaseState, left time.Duration, er
 	}
 	return []byte(v), leaseFound, left, nil
 }
+
+// refreshLease takes the refresh lease of key's value of version for ttl:
+// it returns the lease's token, or nil if the key holds another version or
+// another refresh holds it.
+func (r *remote) refreshLease(ctx context.Context, key string, version uint64, ttl time.Duration) ([]byte, error) {
+	rkey := r.key(key)
+	br := r.breakerFor(ctx, rkey)
+	if err := r.allow(br); err != nil {
+		return nil, err
+	}
+	s, err := refreshLeaseScript.Run(ctx, r.client, []string{rkey}, be64(version), max(ttl.Milliseconds(), 1)).Text()
+	if err == redis.Nil {
+		r.succeeded(br)
+		return nil, nil
+	}
+	if err := r.check(ctx, br, err); err != nil {
+		return nil, err
+	}
+	if len(s) != 8 {
+		return nil, fmt.Errorf("%w: refresh lease script returned %q", ErrRemoteUnavailable, s)
+	}
+	return []byte(s), nil
+}
+
+// releaseRefresh gives up the refresh lease token of key's value of
+// version. Like release, it runs detached from ctx's cancellation, for a
+// second at most.
+func (r *remote) releaseRefresh(ctx context.Context, key string, version uint64, token []byte) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	defer cancel()
+	rkey := r.key(key)
+	br := r.breakerFor(ctx, rkey)
+	if r.allow(br) != nil {
+		return
+	}
+	_ = r.check(ctx, br, releaseRefreshScript.Run(ctx, r.client, []string{rkey}, be64(version), token).Err())
+}
+
+// be64 renders a version as versionLua's be64 does.
+func be64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
 
 // release gives up the lease with token on key, publishing head, the
 // version and tail if another instance waits for it; it reports whether it

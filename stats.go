@@ -29,6 +29,11 @@ type Stats struct {
 	LeaseTakeovers  uint64 // leases taken after waiting for another's (its load failed, or its lease ran out)
 	FenceRejections uint64 // loaded values not cached: a Set or Delete of the key came during the load
 
+	// Freshness (Options.RefreshAfter, Options.StaleIfError).
+	RefreshesStarted uint64 // background refreshes that took a value's refresh lease and called the loader
+	RefreshesFailed  uint64 // of those, refreshes whose load failed (error, panic, timeout, not found): the value stayed
+	StaleServed      uint64 // GetOrLoad calls whose load failed and that returned the expired value instead
+
 	RemoteErrors  uint64 // Redis calls that failed (reads, writes, write-backs)
 	CorruptValues uint64 // values in Redis under our key that were not ours or did not decode
 	EncodeErrors  uint64 // values the codec could not encode (never cached)
@@ -55,6 +60,8 @@ type counters struct {
 	loadTimeouts, leasesGranted     atomic.Uint64
 	leaseWaits, leaseTakeovers      atomic.Uint64
 	fenceRejections                 atomic.Uint64
+	refreshes, refreshesFailed      atomic.Uint64
+	staleServed                     atomic.Uint64
 	corrupt, encodeErrors, tooLarge atomic.Uint64
 	published, received, keysInval  atomic.Uint64
 	bypassed, shared, keysReplaced  atomic.Uint64

@@ -26,12 +26,15 @@ type Cache[V any] struct {
 	stats   counters
 	waits   leaseWaits // GetOrLoad flights waiting for another instance's load
 
+	refreshing refreshes // keys this instance refreshes, or tried to (see refresh.go)
+
 	ready   atomic.Bool   // our channel's subscription is confirmed
 	readyCh chan struct{} // closed when ready is set
 	closeCh chan struct{} // closed by Close
 	closed  atomic.Bool
 
 	remoteLog, corruptLog, encodeLog, panicLog burstLog
+	refreshLog, staleLog                       burstLog
 }
 
 // New returns a Cache configured by opts. It does not need Redis to be up:
@@ -63,7 +66,7 @@ func newCache[V any](opts Options, clk *clock, releaseClk func()) (*Cache[V], er
 			waitTimeout:  opts.WaitTimeout,
 		},
 	}
-	for _, b := range []*burstLog{&c.remoteLog, &c.corruptLog, &c.encodeLog, &c.panicLog} {
+	for _, b := range []*burstLog{&c.remoteLog, &c.corruptLog, &c.encodeLog, &c.panicLog, &c.refreshLog, &c.staleLog} {
 		b.log = opts.Logger.With("namespace", opts.Namespace)
 	}
 	// Values loaded while Redis failed were kept in L1 (it was all there
@@ -151,12 +154,20 @@ func (c *Cache[V]) getMiss(ctx context.Context, key string) (V, Source, error) {
 // ErrLoaderPanic. If Redis is down, GetOrLoad still loads and returns the
 // value (and keeps it in L1); the failure is counted and logged.
 //
+// With Options.RefreshAfter, a value found past its refresh point is
+// returned at once and refreshed in the background; with
+// Options.StaleIfError, a failed load returns the expired value while its
+// grace lasts (see "Freshness" in the package documentation).
+//
 // Pass load as a function value that does not allocate per call (a
 // top-level function, or a method value or closure made once): a closure
 // literal capturing variables costs an allocation per call, hit or miss.
 func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 	load func(ctx context.Context, key string) (V, error), opts ...ItemOption) (V, error) {
 	if e, ok := c.local.get(key); ok {
+		if e.refreshAt != nil && e.refreshAt.Load() <= c.clock.now() {
+			c.maybeRefresh(ctx, key, e.refreshAt, e.version, load, opts)
+		}
 		return e.result()
 	}
 	v, _, err := c.loadMiss(ctx, key, load, opts)
@@ -171,6 +182,9 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, key string,
 func (c *Cache[V]) GetOrLoadFrom(ctx context.Context, key string,
 	load func(ctx context.Context, key string) (V, error), opts ...ItemOption) (V, Source, error) {
 	if e, ok := c.local.get(key); ok {
+		if e.refreshAt != nil && e.refreshAt.Load() <= c.clock.now() {
+			c.maybeRefresh(ctx, key, e.refreshAt, e.version, load, opts)
+		}
 		v, err := e.result()
 		return v, SourceLocal, err
 	}
@@ -192,12 +206,20 @@ func (c *Cache[V]) loadMiss(ctx context.Context, key string,
 	}
 	c.missed()
 	t := c.local.begin(key)
-	return c.loads.do(ctx, key, t, c.loadRead(key, t, load, localTTL, remoteTTL))
+	v, src, err := c.loads.do(ctx, key, t, c.loadRead(key, t, load, localTTL, remoteTTL))
+	if err != nil && ctx.Err() == nil && !errors.Is(err, ErrNotFound) {
+		if sv, ok := c.stale(key, err); ok {
+			return sv, SourceLocal, nil
+		}
+	}
+	return v, src, err
 }
 
 // loadRead returns GetOrLoad's part of the flight of key, begun under t:
 // read Redis (with leases: taking the key's lease or waiting for another
-// instance's load), and return the load to run if Redis has no value.
+// instance's load), and return the load to run if Redis has no value (or
+// only one past its expiry). A value past its refresh point is returned
+// and refreshed in the background.
 func (c *Cache[V]) loadRead(key string, t ticket, load func(ctx context.Context, key string) (V, error),
 	localTTL, remoteTTL time.Duration) flightRead[V] {
 	return func(ctx context.Context) (V, flightLoad[V], error) {
@@ -205,6 +227,7 @@ func (c *Cache[V]) loadRead(key string, t ticket, load func(ctx context.Context,
 		var res fetchResult
 		var found held
 		var token []byte
+		var err error
 		if c.opts.LoadLease > 0 {
 			v, res, found, token, _ = c.readLeased(ctx, key, t, localTTL)
 		} else {
@@ -212,11 +235,28 @@ func (c *Cache[V]) loadRead(key string, t ticket, load func(ctx context.Context,
 		}
 		switch {
 		case res == fetchHit:
+			if c.refreshPoint(found.version) <= c.clock.now() {
+				c.refresh(ctx, key, found.version, load, localTTL, remoteTTL)
+			}
 			return v, nil, nil
 		case res == fetchNotFound:
 			return v, nil, ErrNotFound
 		case res == fetchFailed && ctx.Err() != nil:
 			return v, nil, ctx.Err() // our caller gave up; not an outage
+		case res == fetchStale && c.opts.LoadLease > 0:
+			// Loaded under the value's refresh lease, which leaves it in
+			// place for a failed load to fall back on. If another
+			// instance holds it, this load goes on without: its
+			// write-back is fenced by the version alone.
+			found.value, err = c.remote.refreshLease(ctx, key, found.version, c.opts.LoadLease)
+			switch {
+			case err != nil && ctx.Err() != nil:
+				return v, nil, ctx.Err()
+			case err != nil:
+				c.remoteFailed(err)
+			case found.value != nil:
+				c.stats.leasesGranted.Add(1)
+			}
 		}
 		if token != nil {
 			found = held{mode: fillLease, value: token}
@@ -256,7 +296,7 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 		kind = msgValue
 	}
 	t := c.local.begin(key)
-	version, err := c.remote.write(ctx, key, encodeEnvelope(kindValue, expires, b), ttl,
+	version, err := c.remote.write(ctx, key, encodeEnvelope(kindValue, expires, b), ttl+c.opts.StaleIfError,
 		messageHead(kind, c.id), encodeKeys(key), kind == msgValue)
 	if err != nil {
 		c.local.invalidate(key)
@@ -264,14 +304,20 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 		return err
 	}
 	c.stats.published.Add(1)
-	if e := c.entry(key, stored, false, len(b), localTTL, expires, version); e != nil && c.ready.Load() {
+	c.wrote(key, t, stored, false, len(b), localTTL, expires, version)
+	return nil
+}
+
+// wrote keeps v, which this instance wrote to Redis as version under
+// ticket t (taken before the write) and published, in L1.
+func (c *Cache[V]) wrote(key string, t ticket, v V, notFound bool, size int, localTTL time.Duration, expires int64, version uint64) {
+	if e := c.entry(key, v, notFound, size, localTTL, expires, version); e != nil && c.ready.Load() {
 		c.local.wrote(t, e)
 	} else {
 		// L1 cannot hold v, but must not serve the old value, nor take an
 		// older write of this instance that ends after this one.
 		c.local.heard(key, version, nil)
 	}
-	return nil
 }
 
 // Delete removes keys from Redis and from L1, here and, through one
@@ -363,6 +409,9 @@ func (c *Cache[V]) Stats() Stats {
 		LeaseWaits:             s.leaseWaits.Load(),
 		LeaseTakeovers:         s.leaseTakeovers.Load(),
 		FenceRejections:        s.fenceRejections.Load(),
+		RefreshesStarted:       s.refreshes.Load(),
+		RefreshesFailed:        s.refreshesFailed.Load(),
+		StaleServed:            s.staleServed.Load(),
 		Shared:                 s.shared.Load(),
 		BatchCalls:             s.batchCalls.Load(),
 		RemoteErrors:           s.remoteErrors.Load(),
@@ -436,6 +485,7 @@ const (
 	fetchCorrupt                     // Redis has something that is not ours
 	fetchFailed                      // Redis did not answer
 	fetchLeased                      // another instance's load holds a lease on the key
+	fetchStale                       // Redis has the value, past its expiry (see StaleIfError)
 )
 
 // fetch reads key from Redis and, on a hit, keeps it in L1 under t. With a
@@ -508,18 +558,38 @@ func (c *Cache[V]) fetched(key string, t ticket, localTTL time.Duration, b []byt
 		c.stats.remoteMisses.Add(1) // another instance is loading it
 		return v, fetchMiss, held{}, 0, nil
 	}
-	c.stats.remoteHits.Add(1)
-	c.keep(key, t, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false)
-	if env.kind == kindNotFound {
-		return v, fetchNotFound, held{}, 0, nil
+	// A value past its expiry is in its grace period: kept in L1 (not
+	// served as fresh) for a load that fails, and replaced by a load.
+	stale := env.kind == kindValue && env.expires <= c.clock.now()
+	if stale {
+		c.stats.remoteMisses.Add(1)
+	} else {
+		c.stats.remoteHits.Add(1)
 	}
-	return v, fetchHit, held{}, 0, nil
+	c.keep(key, t, v, env.kind == kindNotFound, len(env.payload), localTTL, env.expires, env.version, false)
+	found = held{mode: fillVersion, version: env.version}
+	switch {
+	case stale:
+		return v, fetchStale, found, 0, nil
+	case env.kind == kindNotFound:
+		return v, fetchNotFound, found, 0, nil
+	}
+	return v, fetchHit, found, 0, nil
 }
 
 // held is what a read found in Redis that a load may replace.
 type held struct {
-	mode  fillMode
-	value []byte // fillSame: the corrupt value
+	mode    fillMode
+	value   []byte // fillSame: the corrupt value; fillLease: the lease token; fillVersion: the refresh lease, if any
+	version uint64 // fillVersion: the version of the value (also set by a hit: what it read)
+}
+
+// fence returns what fillScript compares the key's value with (ARGV[4]).
+func (h held) fence() []byte {
+	if h.mode == fillVersion {
+		return append(be64(h.version), h.value...)
+	}
+	return h.value
 }
 
 func (c *Cache[V]) corrupted(key string, err error) {
@@ -532,22 +602,23 @@ func (c *Cache[V]) corrupted(key string, err error) {
 // load calls the loader for key and caches what it returns. res is what
 // fetch found in Redis, and found what a write-back may replace: with
 // fillLease, the load holds the key's lease, and gives it up if it stores
-// nothing (so that waiting instances take over at once).
+// nothing (so that waiting instances take over at once); with fillVersion
+// and a refresh lease, likewise (so that another instance may refresh).
 func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 	load func(context.Context, string) (V, error), res fetchResult, found held, localTTL, remoteTTL time.Duration) (v V, err error) {
 	settled := false
-	if found.mode == fillLease {
+	if found.mode == fillLease || found.mode == fillVersion && found.value != nil {
 		// A load past LoadTimeout gives up the lease at once, while its
 		// loader may still run: its flight has ended, and another instance
 		// must not wait for the lease to run out.
-		stopRelease := context.AfterFunc(ctx, func() { c.releaseLease(ctx, key, found.value, msgKeys) })
+		stopRelease := context.AfterFunc(ctx, func() { c.giveUp(ctx, key, found, msgKeys) })
 		defer func() {
 			if stopRelease() && !settled {
 				kind := byte(msgKeys)
 				if errors.Is(err, ErrNotFound) {
 					kind = msgNotFound
 				}
-				c.releaseLease(ctx, key, found.value, kind)
+				c.giveUp(ctx, key, found, kind)
 			}
 		}()
 	}
@@ -574,11 +645,12 @@ func (c *Cache[V]) load(ctx context.Context, key string, t ticket,
 	// Redis did not answer the read: do not wait for it again.
 	outage := res == fetchFailed
 	var r fillReply
+	wt := c.local.begin(key) // for a fillVersion write-back, kept like a Set's
 	if !outage {
-		r.version, r.stored, r.published, r.err = c.remote.fill(ctx, key, w.env, w.ttl, found.mode, found.value,
+		r.version, r.stored, r.published, r.err = c.remote.fill(ctx, key, w.env, w.ttl, found.mode, found.fence(),
 			messageHead(w.msg, c.id), encodeKeys(key), w.msg == msgValue)
 	}
-	settled = c.filled(ctx, key, t, &w, found.mode, r, outage)
+	settled = c.filled(ctx, key, t, wt, &w, found.mode, r, outage)
 	if notFound {
 		return w.v, ErrNotFound
 	}
@@ -620,6 +692,9 @@ func (c *Cache[V]) encodeLoaded(key string, v V, notFound bool, localTTL, remote
 	}
 	w.size = len(b)
 	w.expires, w.ttl = c.remoteExpiry(remoteTTL)
+	if !notFound {
+		w.ttl += c.opts.StaleIfError // Redis keeps it for its grace period
+	}
 	w.env = encodeEnvelope(kind, w.expires, b)
 	w.msg = msgKeys
 	if len(b) <= c.opts.PublishValueMaxBytes {
@@ -638,9 +713,11 @@ type fillReply struct {
 
 // filled counts what the write-back of w, under mode, got (r; nothing if
 // outage: Redis did not answer the load's read) and keeps w in L1 under t
-// if Redis took it or cannot be asked. It reports whether a lease the load
-// held is settled: replaced by the value, or by a Set or Delete.
-func (c *Cache[V]) filled(ctx context.Context, key string, t ticket, w *backfill[V], mode fillMode, r fillReply, outage bool) (settled bool) {
+// if Redis took it or cannot be asked; a refresh's value (fillVersion),
+// published to every instance like a Set's, is kept like one under wt,
+// taken before the write-back. It reports whether a lease the load held is
+// settled: replaced by the value, or by a Set or Delete.
+func (c *Cache[V]) filled(ctx context.Context, key string, t, wt ticket, w *backfill[V], mode fillMode, r fillReply, outage bool) (settled bool) {
 	if !outage {
 		if r.published {
 			c.stats.published.Add(1)
@@ -658,9 +735,16 @@ func (c *Cache[V]) filled(ctx context.Context, key string, t ticket, w *backfill
 		case mode == fillLease:
 			settled = true // a Set or Delete replaced the lease: nothing to release
 			c.stats.fenceRejections.Add(1)
+		case mode == fillVersion:
+			settled = true // a Set, Delete or other load replaced the value
+			c.stats.fenceRejections.Add(1)
 		}
 	}
-	if r.stored || outage {
+	if r.stored && mode == fillVersion {
+		// Published to every instance, this one included: kept like a
+		// Set's value, so that our own message does not drop it.
+		c.wrote(key, wt, w.v, w.notFound, w.size, w.localTTL, w.expires, r.version)
+	} else if r.stored || outage {
 		// In an outage L1 is all there is: wait until it has the value, or
 		// the next caller finds neither tier and loads again.
 		c.keep(key, t, w.v, w.notFound, w.size, w.localTTL, w.expires, r.version, outage)
@@ -688,6 +772,9 @@ func (c *Cache[V]) keep(key string, t ticket, v V, notFound bool, size int, ttl 
 			addSat(c.clock.now(), int64(4*c.sub.interval)))
 	}
 	if e := c.entry(key, v, notFound, size, ttl, remoteExpires, version); e != nil {
+		if outage {
+			e.staleUntil, e.refreshAt = e.expires, nil // no grace past the outage bound
+		}
 		c.local.set(t, e, outage)
 	}
 }
@@ -703,13 +790,32 @@ func (c *Cache[V]) entry(key string, v V, notFound bool, _ int, ttl time.Duratio
 		c.stats.tooLarge.Add(1)
 		return nil
 	}
-	return &entry[V]{
-		value:    v,
-		expires:  min(addSat(c.clock.now(), int64(ttl)), remoteExpires),
-		notFound: notFound,
-		version:  version,
-		cost:     cost,
+	e := &entry[V]{
+		value:      v,
+		expires:    min(addSat(c.clock.now(), int64(ttl)), remoteExpires),
+		notFound:   notFound,
+		version:    version,
+		cost:       cost,
+		staleUntil: remoteExpires,
 	}
+	if !notFound {
+		e.staleUntil = addSat(remoteExpires, int64(c.opts.StaleIfError))
+	}
+	if at := c.refreshPoint(version); at != neverRefresh {
+		e.refreshAt = new(atomic.Int64)
+		e.refreshAt.Store(at)
+	}
+	return e
+}
+
+// giveUp releases the lease a load held (found: see load), waking waiting
+// instances with a message of kind.
+func (c *Cache[V]) giveUp(ctx context.Context, key string, found held, kind byte) {
+	if found.mode == fillVersion {
+		c.remote.releaseRefresh(ctx, key, found.version, found.value)
+		return
+	}
+	c.releaseLease(ctx, key, found.value, kind)
 }
 
 // remoteExpiry applies jitter to ttl and returns the L2 TTL and the expiry

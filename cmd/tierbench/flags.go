@@ -21,10 +21,13 @@ type config struct {
 	dbLatency  time.Duration
 	localTTL   time.Duration
 	remoteTTL  time.Duration
-	duration   time.Duration
-	redis      string // "" means an embedded miniredis
-	json       bool
-	svg        string
+	// refreshAfter, if positive, runs the workload twice, without and with
+	// Options.RefreshAfter, and compares the latency of hot-key reads.
+	refreshAfter time.Duration
+	duration     time.Duration
+	redis        string // "" means an embedded miniredis
+	json         bool
+	svg          string
 }
 
 // parseFlags parses args. On a bad flag it writes the problem and the
@@ -45,7 +48,9 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (co
 	fs.DurationVar(&c.dbLatency, "db-latency", time.Millisecond, "simulated database latency of a load")
 	fs.DurationVar(&c.localTTL, "local-ttl", time.Second, "L1 TTL (Options.LocalTTL); short, so that a short run shows every tier")
 	fs.DurationVar(&c.remoteTTL, "remote-ttl", 3*time.Second, "Redis TTL (Options.RemoteTTL); keys expire and are loaded again")
-	fs.DurationVar(&c.duration, "duration", 5*time.Second, "how long to run")
+	fs.DurationVar(&c.refreshAfter, "refresh-after", 0, "if positive: run twice, without and with Options.RefreshAfter set to this,\n"+
+		"and compare the p99 and max latency of reads of the hot keys across their expiry (try -writes 0: writes keep hot keys fresh)")
+	fs.DurationVar(&c.duration, "duration", 5*time.Second, "how long to run (each run, with -refresh-after)")
 	fs.StringVar(&c.redis, "redis", getenv("REDIS_ADDR"), "address of a real Redis (default $REDIS_ADDR; empty: embedded miniredis)")
 	fs.BoolVar(&c.json, "json", false, "write the results as JSON instead of a table")
 	fs.StringVar(&c.svg, "svg", "", "also draw the latency per tier as an SVG chart in this file")
@@ -91,6 +96,8 @@ func (c config) validate(rest []string) error {
 		return errors.New("-db-latency must not be negative")
 	case c.localTTL <= 0 || c.remoteTTL <= 0:
 		return errors.New("-local-ttl and -remote-ttl must be positive")
+	case c.refreshAfter < 0 || c.refreshAfter >= c.remoteTTL:
+		return errors.New("-refresh-after must be 0 (off) or below -remote-ttl")
 	case c.duration <= 0:
 		return errors.New("-duration must be positive")
 	}

@@ -29,6 +29,8 @@ func TestBadFlagsExit2WithMessageAndUsage(t *testing.T) {
 		{[]string{"-rate", "-5"}, "-rate must not be negative"},
 		{[]string{"-local-ttl", "0s"}, "must be positive"},
 		{[]string{"-duration", "0s"}, "-duration must be positive"},
+		{[]string{"-refresh-after", "3s"}, "-refresh-after must be 0 (off) or below -remote-ttl"},
+		{[]string{"-refresh-after", "-1s"}, "-refresh-after must be 0 (off) or below -remote-ttl"},
 		{[]string{"extra"}, `unexpected argument "extra"`},
 		{[]string{"-keys", "many"}, `invalid value "many" for flag -keys`},
 		{[]string{"-no-such-flag"}, "flag provided but not defined: -no-such-flag"},

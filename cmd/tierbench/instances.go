@@ -66,6 +66,7 @@ func (in *instances) stats() (s tiered.Stats) {
 		s.LocalHits += cs.LocalHits
 		s.RemoteHits += cs.RemoteHits
 		s.Loads += cs.Loads
+		s.RefreshesStarted += cs.RefreshesStarted
 	}
 	return s
 }

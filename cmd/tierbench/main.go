@@ -5,7 +5,8 @@
 // happened: throughput, where reads were answered (L1, L2 or the loader)
 // and how fast, how much the loader was spared, how fast a write reaches
 // the other instances, and whether any read was stale beyond the stated
-// bound.
+// bound. With -refresh-after it runs twice, without and with
+// Options.RefreshAfter, and compares the latency of the hot keys' reads.
 //
 //	go run ./cmd/tierbench
 //	go run ./cmd/tierbench -redis 127.0.0.1:6379 -duration 10s -svg latency.svg
@@ -51,7 +52,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	if err != nil {
 		return 2
 	}
-	res, err := runBench(ctx, cfg, stderr)
+	res, err := runCompared(ctx, cfg, stderr)
 	if err != nil && ctx.Err() != nil {
 		fmt.Fprintln(stderr, "tierbench: interrupted before the workload started")
 		return 130

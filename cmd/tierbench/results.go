@@ -30,6 +30,14 @@ type results struct {
 	Invalidation invalidationResult `json:"invalidation"`
 	Stale        staleResult        `json:"stale_reads"`
 	Batch        *batchResult       `json:"batch,omitempty"` // with -batch
+
+	// Hot is the reads of the hotKeys most popular keys, by any tier, from
+	// RemoteTTL/2 into the run on: across their expiries, where
+	// refresh-ahead shows, without the cold start. HotWithout is the
+	// same in the run without RefreshAfter, if -refresh-after asked for
+	// one.
+	Hot        hotResult  `json:"hot_keys"`
+	HotWithout *hotResult `json:"hot_keys_without_refresh,omitempty"`
 }
 
 // batchResult is where the keys of batch reads came from (the Tiers are
@@ -40,6 +48,18 @@ type batchResult struct {
 	L1Hits      uint64 `json:"l1_hits"`    // the instances' Stats.LocalHits
 	RemoteHits  uint64 `json:"redis_hits"` // Stats.RemoteHits
 	Loaded      uint64 `json:"loaded"`     // Stats.Loads
+}
+
+type hotResult struct {
+	Keys         int     `json:"keys"`
+	RefreshAfter float64 `json:"refresh_after_seconds"`
+	Count        uint64  `json:"reads"`
+	P50us        float64 `json:"p50_us"`
+	P99us        float64 `json:"p99_us"`
+	P999us       float64 `json:"p999_us"`
+	MaxUs        float64 `json:"max_us"`
+	Loads        uint64  `json:"loader_calls"`      // all keys, reads and refreshes
+	Refreshes    uint64  `json:"refreshes_started"` // the instances' Stats.RefreshesStarted
 }
 
 type jsonConfig struct {
@@ -130,7 +150,9 @@ func collect(cfg config, redisName string, elapsed time.Duration, interrupted bo
 		Stale:       staleResult{BoundMs: float64(staleBound) / float64(time.Millisecond)},
 	}
 	var hists [kinds]histogram
+	var hot histogram
 	for _, w := range workers {
+		hot.merge(&w.hot)
 		for k := range hists {
 			hists[k].merge(&w.hist[k])
 		}
@@ -160,6 +182,9 @@ func collect(cfg config, redisName string, elapsed time.Duration, interrupted bo
 		r.Batch = &batchResult{KeysPerRead: cfg.batch, Keys: hists[readBatch].n * uint64(cfg.batch),
 			L1Hits: stats.LocalHits, RemoteHits: stats.RemoteHits, Loaded: stats.Loads}
 	}
+	r.Hot = hotResult{Keys: min(hotKeys, cfg.keys), RefreshAfter: cfg.refreshAfter.Seconds(), Count: hot.n,
+		P50us: us(hot.quantile(0.5)), P99us: us(hot.quantile(0.99)), P999us: us(hot.quantile(0.999)), MaxUs: us(time.Duration(hot.max)),
+		Loads: d.loads.Load(), Refreshes: stats.RefreshesStarted}
 	inv := pr.snapshot()
 	r.Invalidation = invalidationResult{Samples: inv.n, Lost: pr.lost.Load(), Skipped: pr.skipped.Load(),
 		P50us: us(inv.quantile(0.5)), P99us: us(inv.quantile(0.99)), MaxUs: us(time.Duration(inv.max))}

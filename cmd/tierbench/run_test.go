@@ -237,3 +237,48 @@ func TestRunWithBatchReads(t *testing.T) {
 		t.Errorf("table shows single-key tiers in a batch run:\n%s", table.String())
 	}
 }
+
+// With -refresh-after, tierbench runs twice and compares the hot keys'
+// reads without and with refresh-ahead, in the table and the chart.
+func TestRefreshAfterComparesHotKeyReads(t *testing.T) {
+	svg := filepath.Join(t.TempDir(), "latency.svg")
+	var stdout, stderr bytes.Buffer
+	args := []string{"-duration", "1500ms", "-keys", "100", "-goroutines", "4", "-writes", "0",
+		"-local-ttl", "200ms", "-remote-ttl", "500ms", "-refresh-after", "250ms", "-svg", svg}
+	if code := run(context.Background(), args, &stdout, &stderr, noEnv); code != 0 {
+		t.Fatalf("exit %d\nstderr:\n%s", code, stderr.String())
+	}
+	out := stdout.String()
+	for _, want := range []string{"hot keys", "no refresh", "refresh after 250ms", "refreshes", "refresh after 250ms, 1.5s"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	b, err := os.ReadFile(svg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"hot keys", "no refresh", "refresh after 250ms", ">max<"} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("chart lacks %q", want)
+		}
+	}
+	var stdoutJSON bytes.Buffer
+	if code := run(context.Background(), append(args[:len(args)-2], "-json"), &stdoutJSON, &stderr, noEnv); code != 0 {
+		t.Fatalf("-json: exit %d", code)
+	}
+	var r struct {
+		Hot struct {
+			Refreshes uint64 `json:"refreshes_started"`
+		} `json:"hot_keys"`
+		HotWithout *struct {
+			Reads uint64 `json:"reads"`
+		} `json:"hot_keys_without_refresh"`
+	}
+	if err := json.Unmarshal(stdoutJSON.Bytes(), &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.HotWithout == nil || r.Hot.Refreshes == 0 {
+		t.Errorf("JSON: %+v; want both runs, and refreshes in the second", r)
+	}
+}

@@ -51,6 +51,7 @@ func runBench(ctx context.Context, cfg config, progressOut io.Writer) (*results,
 		HeartbeatInterval: heartbeat,
 		LocalTTL:          cfg.localTTL,
 		RemoteTTL:         cfg.remoteTTL,
+		RefreshAfter:      cfg.refreshAfter,
 	})
 	if err != nil {
 		return nil, err
@@ -71,6 +72,7 @@ func runBench(ctx context.Context, cfg config, progressOut io.Writer) (*results,
 	var wg sync.WaitGroup
 	start := since()
 	for _, w := range workers {
+		w.hotFrom = start + cfg.remoteTTL/2 // every hot key loaded, none expired yet
 		wg.Go(func() { w.run(stop) })
 	}
 	wg.Go(func() { pr.run(stop) })
@@ -83,6 +85,28 @@ func runBench(ctx context.Context, cfg config, progressOut io.Writer) (*results,
 		fmt.Fprintf(progressOut, "tierbench: interrupted after %.1fs; results so far:\n", elapsed.Seconds())
 	}
 	return collect(cfg, be.name, elapsed, interrupted, workers, pr, d, in.stats()), nil
+}
+
+// runCompared is runBench, and with cfg.refreshAfter set, a run without it
+// first: the results are the second run's, with the hot-key reads of both.
+func runCompared(ctx context.Context, cfg config, progressOut io.Writer) (*results, error) {
+	if cfg.refreshAfter <= 0 {
+		return runBench(ctx, cfg, progressOut)
+	}
+	off := cfg
+	off.refreshAfter = 0
+	fmt.Fprintln(progressOut, "tierbench: run 1 of 2, without -refresh-after")
+	without, err := runBench(ctx, off, progressOut)
+	if err != nil || without.Interrupted {
+		return without, err
+	}
+	fmt.Fprintf(progressOut, "tierbench: run 2 of 2, with -refresh-after %v\n", cfg.refreshAfter)
+	with, err := runBench(ctx, cfg, progressOut)
+	if err != nil {
+		return nil, err
+	}
+	with.HotWithout = &without.Hot
+	return with, nil
 }
 
 // waitFor waits until duration has passed or ctx is done (reporting
@@ -118,6 +142,10 @@ func describe(cfg config) string {
 	if cfg.batch > 1 {
 		batch = fmt.Sprintf(" (%d keys a read)", cfg.batch)
 	}
-	return fmt.Sprintf("%d instances, %d goroutines at %s, %d keys (%s), reads:writes %d:%d%s, db latency %v, TTL L1 %v / Redis %v, %v",
-		cfg.instances, cfg.goroutines, rate, cfg.keys, dist, cfg.reads, cfg.writes, batch, cfg.dbLatency, cfg.localTTL, cfg.remoteTTL, cfg.duration)
+	refresh := ""
+	if cfg.refreshAfter > 0 {
+		refresh = fmt.Sprintf(", refresh after %v", cfg.refreshAfter)
+	}
+	return fmt.Sprintf("%d instances, %d goroutines at %s, %d keys (%s), reads:writes %d:%d%s, db latency %v, TTL L1 %v / Redis %v%s, %v",
+		cfg.instances, cfg.goroutines, rate, cfg.keys, dist, cfg.reads, cfg.writes, batch, cfg.dbLatency, cfg.localTTL, cfg.remoteTTL, refresh, cfg.duration)
 }

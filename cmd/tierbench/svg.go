@@ -13,15 +13,15 @@ import (
 // The chart: one group of bars per tier (and one for invalidation), one
 // bar per percentile, on a logarithmic latency axis.
 const (
-	svgW, svgH                             = 820, 470
+	svgW, svgH                             = 820, 470 // svgW is the least width
 	svgLeft, svgRight, svgTop, svgBottom   = 80, 30, 92, 78
-	svgPlotW, svgPlotH                     = svgW - svgLeft - svgRight, svgH - svgTop - svgBottom
+	svgPlotH                               = svgH - svgTop - svgBottom
 	svgFont                                = "font-family=\"Helvetica,Arial,sans-serif\""
 	svgAxisColor, svgGridColor, svgInkDark = "#333", "#ddd", "#222"
 )
 
 var svgSeries = []struct{ name, color string }{
-	{"p50", "#4c78a8"}, {"p99", "#f58518"}, {"p99.9", "#e45756"},
+	{"p50", "#4c78a8"}, {"p99", "#f58518"}, {"p99.9", "#e45756"}, {"max", "#72b7b2"},
 }
 
 type svgGroup struct {
@@ -43,17 +43,27 @@ func svgGroups(r *results) []svgGroup {
 		case readBatch:
 			label = fmt.Sprintf("batch of %d", r.Batch.KeysPerRead)
 		}
-		gs = append(gs, svgGroup{label, note, []time.Duration{d(t.P50us), d(t.P99us), d(t.P999us)}})
+		gs = append(gs, svgGroup{label, note, []time.Duration{d(t.P50us), d(t.P99us), d(t.P999us), d(t.MaxUs)}})
 	}
 	inv := r.Invalidation
 	gs = append(gs, svgGroup{"invalidation", commas(inv.Samples) + " samples",
-		[]time.Duration{d(inv.P50us), d(inv.P99us), 0}})
+		[]time.Duration{d(inv.P50us), d(inv.P99us), 0, d(inv.MaxUs)}})
+	if r.HotWithout != nil {
+		// Refresh-ahead at work: the hot keys' reads without and with it.
+		for _, h := range r.hotRows() {
+			gs = append(gs, svgGroup{"hot keys", h.label(),
+				[]time.Duration{d(h.P50us), d(h.P99us), d(h.P999us), d(h.MaxUs)}})
+		}
+	}
 	return gs
 }
 
 // writeSVG draws the latency chart of r.
 func writeSVG(w io.Writer, r *results) error {
 	groups := svgGroups(r)
+	// Wide enough for every group's label: more groups widen the chart.
+	width := max(svgW, svgLeft+svgRight+len(groups)*160) // 4 bars and their labels a group
+	plotW := width - svgLeft - svgRight
 	lo, hi := math.Inf(1), math.Inf(-1)
 	for _, g := range groups {
 		for _, v := range g.values {
@@ -76,8 +86,8 @@ func writeSVG(w io.Writer, r *results) error {
 	}
 
 	var b strings.Builder
-	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" %s>`+"\n", svgW, svgH, svgW, svgH, svgFont)
-	fmt.Fprintf(&b, `<rect width="%d" height="%d" fill="white"/>`+"\n", svgW, svgH)
+	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" %s>`+"\n", width, svgH, width, svgH, svgFont)
+	fmt.Fprintf(&b, `<rect width="%d" height="%d" fill="white"/>`+"\n", width, svgH)
 	text := func(x, y float64, size int, anchor, fill, s string, extra string) {
 		fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" font-size="%d" text-anchor="%s" fill="%s"%s>%s</text>`+"\n",
 			x, y, size, anchor, fill, extra, html.EscapeString(s))
@@ -93,7 +103,7 @@ func writeSVG(w io.Writer, r *results) error {
 
 	// Legend.
 	for i, s := range svgSeries {
-		x := float64(svgW - svgRight - 230 + i*78)
+		x := float64(width - svgRight - 280 + i*70)
 		fmt.Fprintf(&b, `<rect x="%.1f" y="72" width="12" height="12" fill="%s"/>`+"\n", x, s.color)
 		text(x+17, 82, 12, "start", svgInkDark, s.name, "")
 	}
@@ -101,22 +111,22 @@ func writeSVG(w io.Writer, r *results) error {
 	// Grid and latency axis: a line per decade.
 	for e := loExp; e <= hiExp; e++ {
 		yy := y(math.Pow(10, e))
-		fmt.Fprintf(&b, `<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s"/>`+"\n", svgLeft, yy, svgW-svgRight, yy, svgGridColor)
+		fmt.Fprintf(&b, `<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s"/>`+"\n", svgLeft, yy, width-svgRight, yy, svgGridColor)
 		text(svgLeft-8, yy+4, 12, "end", svgAxisColor, decadeLabel(int(e)), "")
 		if e < hiExp {
 			for _, m := range []float64{2, 5} {
 				ym := y(m * math.Pow(10, e))
-				fmt.Fprintf(&b, `<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#f2f2f2"/>`+"\n", svgLeft, ym, svgW-svgRight, ym)
+				fmt.Fprintf(&b, `<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#f2f2f2"/>`+"\n", svgLeft, ym, width-svgRight, ym)
 			}
 		}
 	}
 	fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="%s"/>`+"\n", svgLeft, svgTop, svgLeft, svgTop+svgPlotH, svgAxisColor)
-	fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="%s"/>`+"\n", svgLeft, svgTop+svgPlotH, svgW-svgRight, svgTop+svgPlotH, svgAxisColor)
+	fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="%s"/>`+"\n", svgLeft, svgTop+svgPlotH, width-svgRight, svgTop+svgPlotH, svgAxisColor)
 	text(20, svgTop+svgPlotH/2, 12, "middle", svgAxisColor, "latency",
 		fmt.Sprintf(` transform="rotate(-90 20 %d)"`, svgTop+svgPlotH/2))
 
 	// Bars.
-	groupW := float64(svgPlotW) / float64(len(groups))
+	groupW := float64(plotW) / float64(len(groups))
 	barW := groupW * 0.72 / float64(len(svgSeries))
 	base := float64(svgTop + svgPlotH)
 	for gi, g := range groups {
@@ -128,7 +138,7 @@ func writeSVG(w io.Writer, r *results) error {
 			x, top := x0+float64(si)*barW, y(float64(v))
 			fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s %s: %s</title></rect>`+"\n",
 				x+1, top, barW-2, base-top, svgSeries[si].color, html.EscapeString(g.label), svgSeries[si].name, fmtDur(v))
-			text(x+barW/2, top-4, 10, "middle", svgInkDark, fmtDur(v), "")
+			text(x+barW/2, top-4, 9, "middle", svgInkDark, fmtDur(v), "")
 		}
 		cx := svgLeft + (float64(gi)+0.5)*groupW
 		text(cx, base+20, 13, "middle", svgInkDark, g.label, ` font-weight="bold"`)

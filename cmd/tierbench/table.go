@@ -61,8 +61,35 @@ func writeTable(out io.Writer, r *results) error {
 		fmtUs(inv.P50us), fmtUs(inv.P99us), fmtUs(inv.MaxUs), commas(inv.Samples), inv.Lost)
 	fmt.Fprintf(&b, "stale reads   %d beyond the bound of %s (must be 0); %s within it (started after a write returned, before its invalidation arrived)\n",
 		s.Beyond, fmtDur(time.Duration(s.BoundMs*float64(time.Millisecond))), commas(s.Within))
+
+	fmt.Fprintf(&b, "\nhot keys      reads of the %d most popular keys, by any tier, across their expiries (from RemoteTTL/2 on: no cold start):\n", r.Hot.Keys)
+	tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "\treads\tp50\tp99\tp99.9\tmax\tloader calls\trefreshes\t")
+	for _, h := range r.hotRows() {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", h.label(), commas(h.Count),
+			fmtUs(h.P50us), fmtUs(h.P99us), fmtUs(h.P999us), fmtUs(h.MaxUs), commas(h.Loads), commas(h.Refreshes))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
 	_, err := io.WriteString(out, b.String())
 	return err
+}
+
+// hotRows returns the hot-key results to show: the run without
+// RefreshAfter first, if there was one.
+func (r *results) hotRows() []hotResult {
+	if r.HotWithout != nil {
+		return []hotResult{*r.HotWithout, r.Hot}
+	}
+	return []hotResult{r.Hot}
+}
+
+func (h hotResult) label() string {
+	if h.RefreshAfter > 0 {
+		return "refresh after " + fmtDur(time.Duration(h.RefreshAfter*float64(time.Second)))
+	}
+	return "no refresh"
 }
 
 // fmtDur formats d with three significant digits: 183ns, 1.21µs, 61.2µs,

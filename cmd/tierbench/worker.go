@@ -44,7 +44,16 @@ type worker struct {
 	beyond atomic.Uint64 // ... more than bound before they started
 	errors atomic.Uint64
 	hist   [kinds]histogram
+	hot    histogram // reads of the hot keys, whichever tier answered, from hotFrom on
+	// hotFrom is when hot-key reads start to count (db.since): after the
+	// first loads of the run, so that what is measured is the reads across
+	// the keys' expiries, not the cold start.
+	hotFrom time.Duration
 }
+
+// hotKeys is how many of the most popular keys (the lowest indices, under
+// Zipf) count as hot.
+const hotKeys = 10
 
 func newWorker(seed uint64, c *tiered.Cache[*item], d *db, keys []string, cfg config, bound time.Duration) *worker {
 	w := &worker{cache: c, db: d, load: d.load, loadMany: d.loadMany, keys: keys, rng: rand.New(rand.NewPCG(seed, 0x7469657265)), cfg: cfg, bound: bound}
@@ -97,6 +106,9 @@ func (w *worker) read(ctx context.Context, i int) {
 	}
 	w.counts[k].Add(1)
 	w.hist[k].record(end - start)
+	if i < hotKeys && start >= w.hotFrom {
+		w.hot.record(end - start)
+	}
 	w.check(i, it, start)
 }
 

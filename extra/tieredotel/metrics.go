@@ -42,6 +42,12 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.LeaseTakeovers }},
 	{"tiered.fence_rejections", "{value}", "Loaded values not cached: a Set or Delete of the key came during the load.",
 		func(s *tiered.Stats) uint64 { return s.FenceRejections }},
+	{"tiered.refreshes_started", "{refresh}", "Background refreshes (RefreshAfter) that took a value's refresh lease and called the loader.",
+		func(s *tiered.Stats) uint64 { return s.RefreshesStarted }},
+	{"tiered.refreshes_failed", "{refresh}", "Background refreshes whose load failed; the value stayed.",
+		func(s *tiered.Stats) uint64 { return s.RefreshesFailed }},
+	{"tiered.stale_served", "{value}", "GetOrLoad calls whose load failed and that returned the expired value (StaleIfError).",
+		func(s *tiered.Stats) uint64 { return s.StaleServed }},
 
 	{"tiered.remote_errors", "{call}", "Redis calls that failed (reads, writes, write-backs).",
 		func(s *tiered.Stats) uint64 { return s.RemoteErrors }},

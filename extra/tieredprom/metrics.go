@@ -41,6 +41,12 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.LeaseTakeovers }},
 	{"fence_rejections_total", "Loaded values not cached: a Set or Delete of the key came during the load.",
 		func(s *tiered.Stats) uint64 { return s.FenceRejections }},
+	{"refreshes_started_total", "Background refreshes (RefreshAfter) that took a value's refresh lease and called the loader.",
+		func(s *tiered.Stats) uint64 { return s.RefreshesStarted }},
+	{"refreshes_failed_total", "Background refreshes whose load failed; the value stayed.",
+		func(s *tiered.Stats) uint64 { return s.RefreshesFailed }},
+	{"stale_served_total", "GetOrLoad calls whose load failed and that returned the expired value (StaleIfError).",
+		func(s *tiered.Stats) uint64 { return s.StaleServed }},
 
 	{"remote_errors_total", "Redis calls that failed (reads, writes, write-backs).",
 		func(s *tiered.Stats) uint64 { return s.RemoteErrors }},
