@@ -88,6 +88,41 @@ func awaitStats(t testing.TB, c *tiered.Cache[string], what string, cond func(ti
 	awaitCond(t, 10*time.Second, what, func() bool { return cond(c.Stats()) })
 }
 
+// TestAdversarialRefreshAHungRefreshIsNotRetriedBeforeRefreshAfterTenth:
+// the refresh's loader hangs, ignoring its context (a stuck database
+// call). At LoadTimeout the refresh has failed; the issue allows the next
+// attempt on this instance no earlier than RefreshAfter/10 later. Reads
+// go to Redis each time (L1 holds nothing: LocalMaxBytes 1), so every
+// GetOrLoad is a refresh decision.
+func TestAdversarialRefreshAHungRefreshIsNotRetriedBeforeRefreshAfterTenth(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMini(t)
+	ns := advNamespace(t)
+	const loadTimeout = 20 * time.Millisecond
+	c := newCache(t, rdb, ns, tiered.Options{RefreshAfter: time.Hour, RemoteTTL: 2 * time.Hour,
+		LoadTimeout: loadTimeout, LocalMaxBytes: 1})
+	plant(t, rdb, ns, "k", rawEnvelope(3, oldVersion(), time.Now().Add(time.Hour), "v1"), time.Hour)
+
+	g := newGatedLoader(t, constant("refreshed"))
+	g.block = func(int32) bool { return true } // every call hangs until the test ends
+	start := time.Now()
+	if v, err := c.GetOrLoad(ctx, "k", g.load); err != nil || v != "v1" {
+		t.Fatalf("GetOrLoad = %s; want v1 at once", describe(v, err))
+	}
+	g.awaitStart(t)
+	// Read for 25 × LoadTimeout, far below RefreshAfter/10 (6 min).
+	for time.Since(start) < 25*loadTimeout {
+		if v, err := c.GetOrLoad(ctx, "k", g.load); err != nil || v != "v1" {
+			t.Fatalf("GetOrLoad during the hung refresh = %s; want v1", describe(v, err))
+		}
+		time.Sleep(time.Millisecond) // pacing the reads, not synchronising
+	}
+	if n := g.calls.Load(); n != 1 {
+		t.Errorf("the refresh loader was called %d times within %v of a refresh that hung past LoadTimeout (%v); want 1: no retry before RefreshAfter/10 (%v)",
+			n, 25*loadTimeout, loadTimeout, time.Hour/10)
+	}
+}
+
 // TestAdversarialRefreshAFailedRefreshIsNotRetriedBeforeRefreshAfterTenth:
 // the same for a loader that returns an error, or panics: the value stays,
 // and reads that go to Redis start no second refresh.
