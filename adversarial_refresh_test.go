@@ -507,9 +507,9 @@ func TestAdversarialRefreshALeaseNeverOutlivesItsValue(t *testing.T) {
 
 // TestAdversarialRefreshStaleIfErrorServesNothingRemoved: an expired value
 // in its grace period is served when the load fails (baseline), but never
-// once it was removed: by a Delete (on another instance), by a Set whose
-// value then expired past its own grace, by a subscription gap during
-// which it was deleted, nor once its grace (RemoteTTL + StaleIfError) is
+// once it was removed: by a Delete (on another instance), by a Set (the
+// Set's value is the one served, also once it expired in turn), by a
+// subscription gap during which it was deleted, nor once its grace (RemoteTTL + StaleIfError) is
 // over; nor a value this instance kept only because Redis was down.
 func TestAdversarialRefreshStaleIfErrorServesNothingRemoved(t *testing.T) {
 	ctx := context.Background()
@@ -544,6 +544,28 @@ func TestAdversarialRefreshStaleIfErrorServesNothingRemoved(t *testing.T) {
 		awaitStats(t, a, "A to hear the Delete", func(s tiered.Stats) bool { return s.InvalidationsReceived > received })
 		if v, err := a.GetOrLoad(ctx, "k", failing); err == nil {
 			t.Errorf("after a Delete, GetOrLoad with a failing loader = %s; want its error", describe(v, err))
+		}
+	})
+	t.Run("Set", func(t *testing.T) {
+		_, rdb := newMini(t)
+		ns := advNamespace(t)
+		a := advCache(t, rdb, ns, tiered.Options{StaleIfError: time.Hour})
+		b := advCache(t, rdb, ns, tiered.Options{StaleIfError: time.Hour})
+		inGrace(t, rdb, ns)
+		if v, err := a.GetOrLoad(ctx, "k", failing); err != nil || v != "v1" {
+			t.Fatalf("GetOrLoad = %s; want v1", describe(v, err))
+		}
+		received := a.Stats().InvalidationsReceived
+		if err := b.Set(ctx, "k", "v2", tiered.WithRemoteTTL(time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+		awaitStats(t, a, "A to hear the Set", func(s tiered.Stats) bool { return s.InvalidationsReceived > received })
+		awaitCond(t, 10*time.Second, "v2 to expire (1 ms)", func() bool {
+			_, err := b.Get(ctx, "k")
+			return errors.Is(err, tiered.ErrNotFound)
+		})
+		if v, err := a.GetOrLoad(ctx, "k", failing); err != nil || v != "v2" {
+			t.Errorf("after Set(v2), v2 expired, failing load: GetOrLoad = %s; want v2 (the expired value is the Set's, never v1)", describe(v, err))
 		}
 	})
 	t.Run("past grace", func(t *testing.T) {
@@ -670,5 +692,113 @@ func TestAdversarialRefreshAcrossAKilledSubscription(t *testing.T) {
 	}
 	if v, err := a.Get(ctx, "k"); err != nil || v != "refreshed" {
 		t.Errorf("A: Get = %s; want the refreshed value", describe(v, err))
+	}
+}
+
+// TestAdversarialRefreshGetNeverRefreshes: Get, from Redis and from L1, of
+// a value long past RefreshAfter starts no refresh and takes no refresh
+// lease.
+func TestAdversarialRefreshGetNeverRefreshes(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMini(t)
+	ns := advNamespace(t)
+	c := advCache(t, rdb, ns, tiered.Options{RefreshAfter: time.Minute, RemoteTTL: time.Hour})
+	env := rawEnvelope(3, oldVersion(), time.Now().Add(time.Hour), "v1")
+	plant(t, rdb, ns, "k", env, time.Hour)
+	for i := 0; i < 20; i++ {
+		if v, err := c.Get(ctx, "k"); err != nil || v != "v1" {
+			t.Fatalf("Get = %s; want v1", describe(v, err))
+		}
+		if v, _, err := c.GetFrom(ctx, "k"); err != nil || v != "v1" {
+			t.Fatalf("GetFrom = %s; want v1", describe(v, err))
+		}
+	}
+	if s := c.Stats(); s.RefreshesStarted != 0 || s.Loads != 0 {
+		t.Errorf("Get started refreshes: %+v", s)
+	}
+	if b, _ := rawValue(t, rdb, ns, "k"); string(b) != string(env) {
+		t.Errorf("redis holds %q after Gets; want it untouched (no refresh lease)", b)
+	}
+}
+
+// TestAdversarialRefreshKeepsTheLocalTTLOfTheKey: the refreshed value (and,
+// the same rule, a Set's value) is kept in the writing instance's L1 for
+// the key's L1 TTL (LocalTTLFunc, or the caller's WithLocalTTL), not
+// Options.LocalTTL, whichever of the write's reply and its own message
+// (which carries the value, and knows no WithLocalTTL) comes first. Longer:
+// the value stays in L1; shorter: it leaves L1 in time (the L1 TTL bounds
+// how long an out-of-band write goes unseen).
+func TestAdversarialRefreshKeepsTheLocalTTLOfTheKey(t *testing.T) {
+	for _, tc := range []struct {
+		how     string
+		longer  bool // the key's L1 TTL is 1 h and LocalTTL 5 ms, or the reverse
+		viaFunc bool
+		set     bool
+	}{
+		{"LocalTTLFunc/longer", true, true, false},
+		{"LocalTTLFunc/shorter", false, true, false},
+		{"WithLocalTTL/longer", true, false, false},
+		{"WithLocalTTL/shorter", false, false, false},
+		{"Set/WithLocalTTL/longer", true, false, true},
+		{"Set/WithLocalTTL/shorter", false, false, true},
+	} {
+		t.Run(tc.how, func(t *testing.T) {
+			ctx := context.Background()
+			_, rdb := newMini(t)
+			ns := advNamespace(t)
+			keyTTL, localTTL := time.Hour, 5*time.Millisecond
+			if !tc.longer {
+				keyTTL, localTTL = localTTL, keyTTL
+			}
+			o := tiered.Options{RefreshAfter: time.Hour, RemoteTTL: 2 * time.Hour, LocalTTL: localTTL}
+			var opts []tiered.ItemOption
+			if tc.viaFunc {
+				o.LocalTTLFunc = func(key string) time.Duration {
+					if key == "k" {
+						return keyTTL
+					}
+					return 0
+				}
+			} else {
+				opts = append(opts, tiered.WithLocalTTL(keyTTL))
+			}
+			c := advCache(t, rdb, ns, o)
+			plant(t, rdb, ns, "k", rawEnvelope(3, oldVersion(), time.Now().Add(time.Hour), "v1"), time.Hour)
+			if tc.set {
+				if _, err := c.Get(ctx, "k"); err != nil { // L1 holds k: the own message replaces it
+					t.Fatal(err)
+				}
+				if err := c.Set(ctx, "k", "refreshed", opts...); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				load := func(context.Context, string) (string, error) { return "refreshed", nil }
+				if _, err := c.GetOrLoad(ctx, "k", load, opts...); err != nil {
+					t.Fatal(err)
+				}
+				awaitCond(t, 10*time.Second, "the refresh to land in redis", func() bool {
+					p, _ := rawPayload(t, rdb, ns, "k")
+					return p == "refreshed"
+				})
+			}
+			if tc.longer {
+				time.Sleep(50 * time.Millisecond) // 10 × LocalTTL: letting it run out, not synchronising
+				if v, fromL1, err := getFrom(c, "k"); err != nil || v != "refreshed" || !fromL1 {
+					t.Errorf("Get 50 ms after the write = %s (from L1: %v); want the value from L1 (its L1 TTL is 1 h)", describe(v, err), fromL1)
+				}
+				return
+			}
+			deadline := time.Now().Add(2 * time.Second)
+			for {
+				_, fromL1, _ := getFrom(c, "k")
+				if !fromL1 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the value is still served from L1 2 s after the write; its L1 TTL is 5 ms")
+				}
+				time.Sleep(time.Millisecond)
+			}
+		})
 	}
 }
