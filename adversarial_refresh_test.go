@@ -802,3 +802,42 @@ func TestAdversarialRefreshKeepsTheLocalTTLOfTheKey(t *testing.T) {
 		})
 	}
 }
+
+// TestAdversarialRefreshAnInGraceLoadRacesARefresh: A's refresh of v1 is
+// held in its loader when v1 expires; B's GetOrLoad finds v1 in its grace
+// period with A's refresh lease on it, and loads too (fenced by the
+// version alone). B's write-back lands first; A's, later, must be fenced
+// off, and both instances and Redis must end with B's value.
+func TestAdversarialRefreshAnInGraceLoadRacesARefresh(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMini(t)
+	ns := advNamespace(t)
+	o := tiered.Options{RefreshAfter: time.Hour, RemoteTTL: 2 * time.Hour, StaleIfError: time.Hour}
+	a := advCache(t, rdb, ns, o)
+	b := advCache(t, rdb, ns, o)
+	plant(t, rdb, ns, "k", rawEnvelope(3, oldVersion(), time.Now().Add(200*time.Millisecond), "v1"), time.Hour)
+	ga := newGatedLoader(t, constant("refreshed-by-A"))
+	if v, err := a.GetOrLoad(ctx, "k", ga.load); err != nil || v != "v1" {
+		t.Fatalf("A: GetOrLoad = %s; want v1", describe(v, err))
+	}
+	ga.awaitStart(t)
+	awaitCond(t, 10*time.Second, "v1 to expire", func() bool {
+		_, err := b.Get(ctx, "k")
+		return errors.Is(err, tiered.ErrNotFound)
+	})
+	gb := newGatedLoader(t, constant("loaded-by-B"))
+	gb.block = func(int32) bool { return false }
+	if v, err := b.GetOrLoad(ctx, "k", gb.load); err != nil || v != "loaded-by-B" {
+		t.Fatalf("B: GetOrLoad of the expired value = %s; want its load", describe(v, err))
+	}
+	ga.release()
+	awaitStats(t, a, "A's write-back to be fenced off", func(s tiered.Stats) bool { return s.FenceRejections == 1 })
+	if p, _ := rawPayload(t, rdb, ns, "k"); p != "loaded-by-B" {
+		t.Errorf("redis holds %q; want B's value", p)
+	}
+	for i, c := range []*tiered.Cache[string]{a, b} {
+		if v, err := c.GetOrLoad(ctx, "k", ga.load); err != nil || v != "loaded-by-B" {
+			t.Errorf("instance %d: GetOrLoad = %s; want B's value", i, describe(v, err))
+		}
+	}
+}
