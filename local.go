@@ -289,7 +289,7 @@ func (l *local[V]) wrote(t ticket, e *entry[V]) {
 	mu := l.lock(t.hash)
 	mu.Lock()
 	defer mu.Unlock()
-	l.settle(t.hash, t.check, e.version, func(bool) *entry[V] {
+	l.settle(t.hash, t.check, e.version, true, func(bool) *entry[V] {
 		if !t.healthy() || l.epoch.Load() != t.epoch || l.newestOf(t.hash).Load() > e.version {
 			return nil
 		}
@@ -312,7 +312,7 @@ func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V
 			break
 		}
 	}
-	l.settle(h, check, version, func(held bool) *entry[V] {
+	l.settle(h, check, version, false, func(held bool) *entry[V] {
 		if !held || replacement == nil {
 			return nil
 		}
@@ -324,14 +324,16 @@ func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V
 // under its lock. If L1 serves a value of the key that settle kept, of that
 // version or newer, there is nothing to do: the write is that one or an
 // older one, and fills that began before that value was kept are already
-// unservable. Otherwise the slot's generation is bumped, which makes every
+// unservable. Except for own (wrote) and a kept value of the same version:
+// that is the copy the write's own message carried, built without the
+// caller's ItemOptions, which the write's entry replaces. Otherwise the slot's generation is bumped, which makes every
 // entry and fill of the key older than now unservable (they may hold older
 // values), and L1 keeps the newest value it knows: the one it served if
 // that is newer than version (kept under the new generation), else the
 // candidate (held: whether L1 held the key at all), else none.
-func (l *local[V]) settle(h, check, version uint64, candidate func(held bool) *entry[V]) {
+func (l *local[V]) settle(h, check, version uint64, own bool, candidate func(held bool) *entry[V]) {
 	cur, held := l.held(h, check)
-	if cur != nil && cur.fenced && cur.version >= version {
+	if cur != nil && cur.fenced && (cur.version > version || cur.version == version && !own) {
 		return
 	}
 	t := ticket{hash: h, check: check, epoch: l.epoch.Load()}

@@ -50,8 +50,9 @@ import (
 // kept, as long as its grace lasts and no invalidation removed it.
 
 // refreshes holds, per key, the time until which this instance starts no
-// refresh of it: one is running (until LoadTimeout, in case its loader
-// ignores its context), or one failed.
+// refresh of it: one is running, or one failed. A refresh whose loader
+// ignores its context runs on past LoadTimeout, when it has failed: it
+// holds its key until RefreshAfter/10 after that.
 type refreshes struct {
 	mu sync.Mutex
 	m  map[string]int64
@@ -142,7 +143,7 @@ func (c *Cache[V]) refresh(ctx context.Context, key string, version uint64,
 		return
 	}
 	now := c.clock.now()
-	if !c.refreshing.start(key, now, addSat(now, int64(c.opts.LoadTimeout))) {
+	if !c.refreshing.start(key, now, addSat(now, int64(c.opts.LoadTimeout+c.opts.RefreshAfter/10))) {
 		return
 	}
 	go func() {

@@ -79,8 +79,8 @@ return v`)
 // ("same", ARGV[4]), a value of another Redis type ("type", deleted
 // first), the load's own lease ("lease", its token in ARGV[4]), or the
 // value of version ARGV[4][1-8] ("version": a refresh, or the reload of a
-// value in its grace period), held under the refresh lease ARGV[4][9-16]
-// if given. A Set or Delete while the load ran is newer than the loaded
+// value past its expiry, of format 3 or an older instance's format 2),
+// held under the refresh lease ARGV[4][9-16] if given. A Set or Delete while the load ran is newer than the loaded
 // value and wins: it replaced or removed what the load found, lease
 // included (only "absent", used with leases off, cannot tell a Delete from
 // nothing). If another instance waits for the lease, or the load replaces
@@ -100,7 +100,11 @@ elseif cur then
     if not (string.byte(cur, 1) == 2 and (k == 2 or k == 3) and string.sub(cur, 19) == ARGV[4]) then return false end
     waited = k == 3
   elseif ARGV[3] == 'version' then
-    if not (string.byte(cur, 1) == 3 and #cur >= 26 and string.sub(cur, 3, 10) == string.sub(ARGV[4], 1, 8)
+    -- A value (not a lease) of either format; a refresh lease, given
+    -- only for format 3, must be the one in its bytes 19-26.
+    local f, k = string.byte(cur, 1), string.byte(cur, 2)
+    if not ((f == 3 and #cur >= 26 or f == 2 and #cur >= 18 and #ARGV[4] == 8) and (k == 0 or k == 1)
+      and string.sub(cur, 3, 10) == string.sub(ARGV[4], 1, 8)
       and (#ARGV[4] == 8 or string.sub(cur, 19, 26) == string.sub(ARGV[4], 9, 16))) then return false end
     waited = true
   elseif not (ARGV[3] == 'same' and cur == ARGV[4]) then
