@@ -324,13 +324,14 @@ func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V
 // under its lock. If L1 serves a value of the key that settle kept, of that
 // version or newer, there is nothing to do: the write is that one or an
 // older one, and fills that began before that value was kept are already
-// unservable. Except for own (wrote) and a kept value of the same version:
-// that is the copy the write's own message carried, built without the
-// caller's ItemOptions, which the write's entry replaces. Otherwise the slot's generation is bumped, which makes every
-// entry and fill of the key older than now unservable (they may hold older
-// values), and L1 keeps the newest value it knows: the one it served if
-// that is newer than version (kept under the new generation), else the
-// candidate (held: whether L1 held the key at all), else none.
+// unservable; but for own (wrote) a kept value of the same version is the
+// copy the write's own message carried, built without the caller's
+// ItemOptions, and the write's entry replaces it. Otherwise the slot's
+// generation is bumped, which makes every entry and fill of the key older
+// than now unservable (they may hold older values), and L1 keeps the
+// newest value it knows: the one it served if that is newer than version
+// (kept under the new generation), else the candidate (held: whether L1
+// held the key at all), else none.
 func (l *local[V]) settle(h, check, version uint64, own bool, candidate func(held bool) *entry[V]) {
 	cur, held := l.held(h, check)
 	if cur != nil && cur.fenced && (cur.version > version || cur.version == version && !own) {
