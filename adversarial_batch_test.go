@@ -925,6 +925,70 @@ func TestAdversarialBatchForeignValuesAmongTheKeys(t *testing.T) {
 	}
 }
 
+// TestAdversarialBatchCancelledAfterRedisGrantedItsLeases: Redis ran the
+// lease reads of A's batch and granted the leases, but A's caller gave up
+// before the replies reached it (a ContextTimeoutEnabled client, a slow
+// link). A returns its ctx's error. A GetOrLoad on A that had joined the
+// batch's flight of k1, and B reading k2, must not wait for those orphaned
+// leases to run out (a minute here).
+func TestAdversarialBatchCancelledAfterRedisGrantedItsLeases(t *testing.T) {
+	mr, raw := newMini(t)
+	ns := advNamespace(t)
+	o := tiered.Options{LoadTimeout: time.Minute}
+	rc := plainClient(t, mr.Addr())
+	var armed atomic.Bool
+	reached := make(chan struct{})
+	rc.AddHook(pipelineHookFunc(func(ctx context.Context, cmds []redis.Cmder, next redis.ProcessPipelineHook) error {
+		err := next(ctx, cmds)
+		if err == nil && isLeaseScript(cmds[0]) && armed.CompareAndSwap(true, false) {
+			close(reached)
+			<-ctx.Done() // the replies arrive after the caller gave up
+			for _, c := range cmds {
+				c.SetErr(ctx.Err())
+			}
+			return ctx.Err()
+		}
+		return err
+	}))
+	a := advCache(t, rc, ns, o)
+	b := advCache(t, plainClient(t, mr.Addr()), ns, o)
+	armed.Store(true)
+	cctx, cancel := context.WithCancel(context.Background())
+	gb := newGatedBatch(t, prefixed("batch-"))
+	gb.release()
+	ra := goLoadMany(cctx, a, []string{"k1", "k2"}, gb.load)
+	<-reached
+	misses := a.Stats().LocalMisses
+	var loads atomic.Int32
+	rs := goLoad(context.Background(), a, "k1", returning(&loads, "v"))
+	awaitCond(t, 5*time.Second, "A's GetOrLoad to miss", func() bool { return a.Stats().LocalMisses > misses })
+	awaitLeased(t, raw, ns, "k2", false)
+	cancel()
+	if got := awaitMany(t, ra, 5*time.Second, "the cancelled batch"); !errors.Is(got.err, context.Canceled) {
+		t.Errorf("cancelled GetOrLoadMany = %v, %v; want context.Canceled", got.m, got.err)
+	}
+	// k1 is read and loaded for the GetOrLoad that waits for it, as a
+	// GetOrLoad's flight would be; k2, which nobody waited for, is not.
+	if got := awaitResult(t, rs, 5*time.Second, "A's GetOrLoad of k1"); got.err != nil || got.v != "batch-k1" || loads.Load() != 0 {
+		t.Errorf("A's GetOrLoad joined to the batch whose caller gave up = %s (%d loads of its own); want the batch's load of k1 within 5 s, not a wait for the orphaned lease",
+			describe(got.v, got.err), loads.Load())
+	}
+	if calls := gb.calls(); len(calls) != 1 || !slices.Equal(calls[0], []string{"k1"}) {
+		t.Errorf("the batch's loader was called with %v; want [k1] alone, for its waiter", calls)
+	}
+	if got := awaitResult(t, goLoad(context.Background(), b, "k2", returning(&loads, "v")), 5*time.Second, "B's GetOrLoad of k2"); got.err != nil || got.v != "v" {
+		t.Errorf("B's GetOrLoad of a key the abandoned batch had leased = %s; want \"v\" within 5 s", describe(got.v, got.err))
+	}
+}
+
+type pipelineHookFunc func(ctx context.Context, cmds []redis.Cmder, next redis.ProcessPipelineHook) error
+
+func (h pipelineHookFunc) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h pipelineHookFunc) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h pipelineHookFunc) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error { return h(ctx, cmds, next) }
+}
+
 // TestAdversarialBatchAfterScriptFlush: Redis forgot the scripts (SCRIPT
 // FLUSH, a restart, a failover to a replica that never ran them). A batch's
 // lease reads, write-backs and releases are pipelined EVALSHAs: each must
@@ -1084,5 +1148,55 @@ func TestAdversarialBatchRandomWritesAndBatchReads(t *testing.T) {
 				t.Errorf("instance %d: %s = %q at the end; want the database's %s", x, k, m[k], want)
 			}
 		}
+	}
+}
+
+// TestAdversarialBatchJoinerOfACancelledBatchLoadsOnce: B2, a
+// GetOrLoadMany of k and j, joins the flight of k that B1 (a GetOrLoadMany
+// of k on the same instance) leads, and loads j. B1's caller gives up
+// during its read of k. B2 waited for k: its result must come to it, as a
+// GetOrLoad's leader gone during its read hands the read on to those who
+// wait (singleflight.go). B2's loader must be called once, as the issue
+// says ("load is called at most once per call"), not again for k.
+func TestAdversarialBatchJoinerOfACancelledBatchLoadsOnce(t *testing.T) {
+	mr, _ := newMini(t)
+	ns := advNamespace(t)
+	rc := plainClient(t, mr.Addr())
+	var armed atomic.Bool
+	reached := make(chan struct{})
+	rc.AddHook(pipelineHookFunc(func(ctx context.Context, cmds []redis.Cmder, next redis.ProcessPipelineHook) error {
+		if isLeaseScript(cmds[0]) && armed.CompareAndSwap(true, false) {
+			close(reached)
+			<-ctx.Done() // a slow link: the caller gives up first
+			for _, c := range cmds {
+				c.SetErr(ctx.Err())
+			}
+			return ctx.Err()
+		}
+		return next(ctx, cmds)
+	}))
+	a := advCache(t, rc, ns, tiered.Options{LoadTimeout: time.Minute})
+	armed.Store(true)
+	cctx, cancel := context.WithCancel(context.Background())
+	g1 := newGatedBatch(t, prefixed("b1-"))
+	g1.release()
+	r1 := goLoadMany(cctx, a, []string{"k"}, g1.load)
+	<-reached
+	g2 := newGatedBatch(t, prefixed("b2-"))
+	g2.release()
+	r2 := goLoadMany(context.Background(), a, []string{"k", "j"}, g2.load)
+	if ks := g2.awaitStart(t); !slices.Equal(ks, []string{"j"}) {
+		t.Fatalf("B2's first load asked for %v; want [j] (k is B1's)", ks)
+	}
+	cancel()
+	if got := awaitMany(t, r1, 5*time.Second, "B1"); !errors.Is(got.err, context.Canceled) {
+		t.Errorf("B1 = %v, %v; want context.Canceled", got.m, got.err)
+	}
+	got := awaitMany(t, r2, 5*time.Second, "B2")
+	if got.err != nil || len(got.m) != 2 || got.m["j"] != "b2-j" {
+		t.Errorf("B2 = %v, %v; want k and j", got.m, got.err)
+	}
+	if calls := g2.calls(); len(calls) != 1 {
+		t.Errorf("B2's loader was called %d times (%v); want once: it waited for k, whose leader's caller gave up", len(calls), calls)
 	}
 }
