@@ -580,41 +580,49 @@ func TestAdversarialBatchOverlappingAcrossTheFleet(t *testing.T) {
 
 // TestAdversarialBatchLoaderOmitsAndInventsKeys: A's loader leaves k2 out
 // and returns a key nobody asked for. A waiter for k2 on B must learn at
-// once that it was not found (not wait out A's lease), and the invented
-// key must be cached nowhere.
+// once that it was not found (not wait out A's lease), with NegativeTTL
+// or without; the invented key must be cached nowhere.
 func TestAdversarialBatchLoaderOmitsAndInventsKeys(t *testing.T) {
-	ctx := context.Background()
-	mr, raw := newMini(t)
-	ns := advNamespace(t)
-	o := tiered.Options{LoadTimeout: time.Minute}
-	a := advCache(t, plainClient(t, mr.Addr()), ns, o)
-	b := advCache(t, plainClient(t, mr.Addr()), ns, o)
-	g := newGatedBatch(t, func([]string) (map[string]string, error) {
-		return map[string]string{"k1": "v1", "invented": "x"}, nil
-	})
-	ra := goLoadMany(ctx, a, []string{"k1", "k2"}, g.load)
-	g.awaitStart(t)
-	var bLoads atomic.Int32
-	rb := goLoad(ctx, b, "k2", returning(&bLoads, "b-k2"))
-	awaitLeaseWaits(t, b, 1)
-	g.release()
-	if got := awaitMany(t, ra, 5*time.Second, "A"); got.err != nil || !maps.Equal(got.m, map[string]string{"k1": "v1"}) {
-		t.Errorf("A's GetOrLoadMany = %v, %v; want only k1", got.m, got.err)
-	}
-	got := awaitResult(t, rb, 5*time.Second, "B, waiting for A's lease of a key A's loader left out")
-	if !errors.Is(got.err, tiered.ErrNotFound) || bLoads.Load() != 0 {
-		t.Errorf("B's GetOrLoad(k2) = %s with %d loads; want ErrNotFound from A's load, promptly", describe(got.v, got.err), bLoads.Load())
-	}
-	for _, c := range []*tiered.Cache[string]{a, b} {
-		if v, err := c.Get(ctx, "invented"); !errors.Is(err, tiered.ErrNotFound) {
-			t.Errorf("Get(invented) = %s; want ErrNotFound: nobody asked for it", describe(v, err))
-		}
-	}
-	if _, ok := rawPayload(t, raw, ns, "invented"); ok {
-		t.Error("Redis holds a key the loader invented")
-	}
-	if _, ok := rawPayload(t, raw, ns, "k2"); ok {
-		t.Error("Redis holds something for the key left out (NegativeTTL is off)")
+	for _, negative := range []time.Duration{0, time.Minute} {
+		t.Run(fmt.Sprintf("NegativeTTL=%v", negative), func(t *testing.T) {
+			ctx := context.Background()
+			mr, raw := newMini(t)
+			ns := advNamespace(t)
+			o := tiered.Options{LoadTimeout: time.Minute, NegativeTTL: negative}
+			a := advCache(t, plainClient(t, mr.Addr()), ns, o)
+			b := advCache(t, plainClient(t, mr.Addr()), ns, o)
+			g := newGatedBatch(t, func([]string) (map[string]string, error) {
+				return map[string]string{"k1": "v1", "invented": "x"}, nil
+			})
+			ra := goLoadMany(ctx, a, []string{"k1", "k2"}, g.load)
+			g.awaitStart(t)
+			var bLoads atomic.Int32
+			rb := goLoad(ctx, b, "k2", returning(&bLoads, "b-k2"))
+			awaitLeaseWaits(t, b, 1)
+			g.release()
+			if got := awaitMany(t, ra, 5*time.Second, "A"); got.err != nil || !maps.Equal(got.m, map[string]string{"k1": "v1"}) {
+				t.Errorf("A's GetOrLoadMany = %v, %v; want only k1", got.m, got.err)
+			}
+			got := awaitResult(t, rb, 5*time.Second, "B, waiting for A's lease of a key A's loader left out")
+			if !errors.Is(got.err, tiered.ErrNotFound) || bLoads.Load() != 0 {
+				t.Errorf("B's GetOrLoad(k2) = %s with %d loads; want ErrNotFound from A's load, promptly", describe(got.v, got.err), bLoads.Load())
+			}
+			for _, c := range []*tiered.Cache[string]{a, b} {
+				if v, err := c.Get(ctx, "invented"); !errors.Is(err, tiered.ErrNotFound) {
+					t.Errorf("Get(invented) = %s; want ErrNotFound: nobody asked for it", describe(v, err))
+				}
+			}
+			if _, ok := rawKind(t, raw, ns, "invented"); ok {
+				t.Error("Redis holds a key the loader invented")
+			}
+			kind, ok := rawKind(t, raw, ns, "k2")
+			switch {
+			case negative == 0 && ok:
+				t.Errorf("Redis holds kind %d for the key left out; want nothing (NegativeTTL is off)", kind)
+			case negative > 0 && (!ok || kind != 1):
+				t.Errorf("Redis holds kind %d (%v) for the key left out; want a remembered not-found (1)", kind, ok)
+			}
+		})
 	}
 }
 
