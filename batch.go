@@ -19,9 +19,13 @@ import (
 // A key another instance is loading is handed, alone, to GetOrLoad's own
 // flight work (loadRead), which waits for that load's value. If that load
 // fails, the waiter takes the lease over and loads the key: then load is
-// called once more, for that key alone. It is the only case in which a
-// batch calls load more than once (besides a flight it joined whose leader
-// gave up in the instant it joined: the key is then tried again).
+// called once more, for that key alone. The same work finishes a key whose
+// read failed because the caller's ctx ended, if another caller waits for
+// it (as GetOrLoad's leader does, see flight.gaveUp): load is then called
+// for that key alone, after the batch returned. Those are the only cases in
+// which a batch calls load more than once (besides a flight it joined
+// whose leader gave up in the instant it joined: the key is then tried
+// again).
 
 // GetMany returns the values of keys found in L1 or Redis; keys found
 // nowhere (or remembered as not found) are absent from the map.
@@ -80,12 +84,14 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 // As for GetOrLoad, load runs with a context that keeps ctx's values but
 // not its cancellation, bounded by Options.LoadTimeout, and GetOrLoadMany
 // returns as soon as ctx is done, with the values it has and ctx's error.
-// If load returns an error, GetOrLoadMany returns the values it already has
-// and that error, and caches nothing load returned. If load panics, every
-// caller waiting for one of its keys gets an error wrapping
-// ErrLoaderPanic. If Redis is down, every L1 miss is loaded (and kept in
-// L1). An empty key anywhere is ErrInvalidKey, with nothing done;
-// duplicates are fine.
+// If ctx ends while Redis is being read, keys another caller waits for are
+// still read, and loaded if need be, for that caller, each by a call of
+// load with that key alone. If load returns an error, GetOrLoadMany
+// returns the values it already has and that error, and caches nothing
+// load returned. If load panics, every caller waiting for one of its keys
+// gets an error wrapping ErrLoaderPanic. If Redis is down, every L1 miss
+// is loaded (and kept in L1). An empty key anywhere is ErrInvalidKey, with
+// nothing done; duplicates are fine.
 func (c *Cache[V]) GetOrLoadMany(ctx context.Context, keys []string,
 	load func(ctx context.Context, keys []string) (map[string]V, error), opts ...ItemOption) (map[string]V, error) {
 	if err := c.usableKeys(keys); err != nil {
@@ -275,10 +281,12 @@ func (c *Cache[V]) leadMany(ctx context.Context, ks []*batchKey[V],
 			c.loads.finish(k.key, k.call, v, SourceRemote, ErrNotFound, false)
 			k.resolved = true
 		case k.res == fetchFailed && ctx.Err() != nil:
-			// Our caller gave up; not an outage. Callers who joined the
-			// flight start over (and so does this call, which finds ctx
-			// done).
-			c.loads.finish(k.key, k.call, v, SourceNone, ctx.Err(), true)
+			// Our caller gave up; not an outage. As for GetOrLoad: callers
+			// who joined the flight get the key read (and loaded) for
+			// them, by GetOrLoad's own flight work; a flight nobody joined
+			// is abandoned.
+			c.loads.gaveUp(ctx, k.key, k.call, ctx.Err(),
+				readThenLoad(c.loadRead(k.key, k.t, loadOne(load), k.localTTL, k.remoteTTL)))
 		case k.res == fetchLeased:
 			c.loads.detach(ctx, k.key, k.call, readThenLoad(c.loadRead(k.key, k.t, loadOne(load), k.localTTL, k.remoteTTL)))
 		default: // fetchMiss, fetchCorrupt, fetchStale (fenced by its version), or fetchFailed: Redis is down

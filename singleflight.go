@@ -160,19 +160,29 @@ func (f *flight[V]) lead(ctx context.Context, key string, c *flightCall[V], read
 		}
 		return c.val, c.src, c.err
 	case err != nil && errors.Is(err, ctx.Err()):
-		f.mu.Lock()
-		waited := c.done != nil
-		f.mu.Unlock()
-		if !waited {
-			f.finish(key, c, v, SourceNone, err, true)
-			return v, SourceNone, err
-		}
-		f.detach(ctx, key, c, readThenLoad(read))
+		f.gaveUp(ctx, key, c, err, readThenLoad(read))
 		return v, SourceNone, err
 	default:
 		f.finish(key, c, v, SourceRemote, err, false)
 		return v, SourceRemote, err
 	}
+}
+
+// gaveUp ends flight c, whose leader's read failed with err, its own
+// context's error: a flight nobody waits on is abandoned (a caller who
+// joins it in that instant starts over); one that somebody waits on is
+// finished by redo, detached, so that the waiters do not inherit the
+// leader's impatience.
+func (f *flight[V]) gaveUp(ctx context.Context, key string, c *flightCall[V], err error, redo func(context.Context) (V, Source, error)) {
+	f.mu.Lock()
+	waited := c.done != nil
+	f.mu.Unlock()
+	if !waited {
+		var zero V
+		f.finish(key, c, zero, SourceNone, err, true)
+		return
+	}
+	f.detach(ctx, key, c, redo)
 }
 
 // detach finishes flight c with work, run on a goroutine of its own under a
