@@ -433,18 +433,6 @@ func TestAdversarialRefreshOncePerFleetAtTheSameInstant(t *testing.T) {
 	}
 }
 
-// realRedis returns a client on the shared Redis at 127.0.0.1:6379, or
-// skips.
-func realRedis(t testing.TB) *redis.Client {
-	t.Helper()
-	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:6379"})
-	t.Cleanup(func() { _ = rdb.Close() })
-	if err := rdb.Ping(context.Background()).Err(); err != nil {
-		t.Skipf("no Redis at 127.0.0.1:6379: %v", err)
-	}
-	return rdb
-}
-
 // TestAdversarialRefreshALeaseNeverOutlivesItsValue: the refresh lease is
 // written in place (SETRANGE). A Set that replaces the value at that moment
 // leaves no lease in the new value, and a refresh, its release or its
