@@ -48,16 +48,19 @@ func entryCost[V any](v V, cost func(any) int64) (n int64, panicked any) {
 }
 
 // valueOf returns v as a reflect.Value of type V. For a V that is not an
-// interface type, boxing v does not make it escape (reflect.ValueOf(&v)
-// would: an allocation per fill for a V of one pointer); an interface is
-// taken by its address, so that the walk sees the interface, not what it
+// interface type, v is boxed, which does not allocate for a pointer;
+// reflect.ValueOf(&v) would make v escape (an allocation per fill). An
+// interface is taken by its address (in a function of its own, or v would
+// escape in either case), so that the walk sees the interface, not what it
 // holds.
 func valueOf[V any](v V) reflect.Value {
-	if t := reflect.TypeFor[V](); t.Kind() == reflect.Interface {
-		return reflect.ValueOf(&v).Elem()
+	if reflect.TypeFor[V]().Kind() == reflect.Interface {
+		return interfaceValue(v)
 	}
 	return reflect.ValueOf(v)
 }
+
+func interfaceValue[V any](v V) reflect.Value { return reflect.ValueOf(&v).Elem() }
 
 func callCost(cost func(any) int64, v any) (n int64, panicked any) {
 	defer func() { panicked = recover() }()
