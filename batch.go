@@ -173,8 +173,9 @@ func (c *Cache[V]) missesOf(ctx context.Context, keys []string, out map[string]V
 			continue
 		}
 		if seen == nil {
-			seen = make(map[string]bool)
+			seen = make(map[string]bool, len(keys)-i)
 			slab = make([]batchKey[V], 0, len(keys)-i)
+			misses = make([]*batchKey[V], 0, len(keys)-i)
 		}
 		seen[k] = true
 		c.missed()

@@ -44,8 +44,23 @@ func entryCost[V any](v V, cost func(any) int64) (n int64, panicked any) {
 			return size + max(n, 0), nil
 		}
 	}
-	return size + int64(referencedSize(reflect.ValueOf(&v).Elem())), panicked
+	return size + int64(referencedSize(valueOf(v))), panicked
 }
+
+// valueOf returns v as a reflect.Value of type V. For a V that is not an
+// interface type, v is boxed, which does not allocate for a pointer;
+// reflect.ValueOf(&v) would make v escape (an allocation per fill). An
+// interface is taken by its address (in a function of its own, or v would
+// escape in either case), so that the walk sees the interface, not what it
+// holds.
+func valueOf[V any](v V) reflect.Value {
+	if reflect.TypeFor[V]().Kind() == reflect.Interface {
+		return interfaceValue(v)
+	}
+	return reflect.ValueOf(v)
+}
+
+func interfaceValue[V any](v V) reflect.Value { return reflect.ValueOf(&v).Elem() }
 
 func callCost(cost func(any) int64, v any) (n int64, panicked any) {
 	defer func() { panicked = recover() }()
@@ -62,8 +77,13 @@ func referencedSize(v reflect.Value) uintptr {
 	return w.refs(v)
 }
 
+// costWalk is one walk. A value's graph usually has a handful of pointers
+// and maps: they are remembered in few, without an allocation, and only
+// the rest in seen.
 type costWalk struct {
-	seen map[uintptr]struct{} // pointers and maps already counted
+	few  [8]uintptr
+	nfew int
+	seen map[uintptr]struct{} // pointers and maps already counted, beyond few
 }
 
 // refs returns the out-of-line memory v refers to.
@@ -91,10 +111,8 @@ func (w *costWalk) refs(v reflect.Value) uintptr {
 		return w.elems(v.Len(), func(i int) uintptr { return w.refs(v.Index(i)) })
 	case reflect.Struct:
 		var n uintptr
-		for i := range v.NumField() {
-			if f := v.Field(i); typeHasPointers(f.Type()) {
-				n += w.refs(f)
-			}
+		for _, i := range layoutOf(v.Type()).fields {
+			n += w.refs(v.Field(i))
 		}
 		return n
 	case reflect.Pointer:
@@ -127,14 +145,25 @@ func (w *costWalk) mapRefs(m reflect.Value) uintptr {
 	if !kp && !vp || m.Len() == 0 {
 		return 0
 	}
+	// Copied into two Values made once: it.Key and it.Value allocate a
+	// copy per entry.
+	var key, val reflect.Value
+	if kp {
+		key = reflect.New(m.Type().Key()).Elem()
+	}
+	if vp {
+		val = reflect.New(m.Type().Elem()).Elem()
+	}
 	var n uintptr
 	seen := 0
 	for it := m.MapRange(); it.Next() && seen < costSample; seen++ {
 		if kp {
-			n += w.refs(it.Key())
+			key.SetIterKey(it)
+			n += w.refs(key)
 		}
 		if vp {
-			n += w.refs(it.Value())
+			val.SetIterValue(it)
+			n += w.refs(val)
 		}
 	}
 	return n * uintptr(m.Len()) / uintptr(seen)
@@ -157,11 +186,21 @@ func (w *costWalk) elems(n int, size func(i int) uintptr) uintptr {
 // first reports whether the pointer or map p is to be followed: not seen
 // before, and within costPointers.
 func (w *costWalk) first(p uintptr) bool {
+	for _, q := range w.few[:w.nfew] {
+		if q == p {
+			return false
+		}
+	}
+	if w.nfew < len(w.few) {
+		w.few[w.nfew] = p
+		w.nfew++
+		return true
+	}
+	if _, ok := w.seen[p]; ok || w.nfew+len(w.seen) >= costPointers {
+		return false
+	}
 	if w.seen == nil {
 		w.seen = make(map[uintptr]struct{})
-	}
-	if _, ok := w.seen[p]; ok || len(w.seen) >= costPointers {
-		return false
 	}
 	w.seen[p] = struct{}{}
 	return true
@@ -189,31 +228,40 @@ func mapSize(t reflect.Type, n int) uintptr {
 	return 2*allocSize(header) + allocSize(slots/8*group) + 8
 }
 
-// pointerTypes caches typeHasPointers per type.
-var pointerTypes sync.Map // reflect.Type -> bool
+// typeLayout is what a walk needs to know of a type, worked out once per
+// type: one cache lookup per struct visited, not one per field.
+type typeLayout struct {
+	pointers bool  // values of the type refer to other memory
+	fields   []int // of a struct: the indexes of the fields that do
+}
 
-// typeHasPointers reports whether values of t refer to other memory.
-func typeHasPointers(t reflect.Type) bool {
-	if b, ok := pointerTypes.Load(t); ok {
-		return b.(bool)
+// layouts caches layoutOf per type.
+var layouts sync.Map // reflect.Type -> *typeLayout
+
+func layoutOf(t reflect.Type) *typeLayout {
+	if l, ok := layouts.Load(t); ok {
+		return l.(*typeLayout)
 	}
-	var b bool
+	l := &typeLayout{}
 	switch t.Kind() {
 	case reflect.String, reflect.Slice, reflect.Pointer, reflect.Interface, reflect.Map:
-		b = true
+		l.pointers = true
 	case reflect.Array:
-		b = t.Len() > 0 && typeHasPointers(t.Elem())
+		l.pointers = t.Len() > 0 && typeHasPointers(t.Elem())
 	case reflect.Struct:
 		for i := range t.NumField() {
 			if typeHasPointers(t.Field(i).Type) {
-				b = true
-				break
+				l.fields = append(l.fields, i)
 			}
 		}
+		l.pointers = len(l.fields) > 0
 	}
-	pointerTypes.Store(t, b)
-	return b
+	layouts.Store(t, l)
+	return l
 }
+
+// typeHasPointers reports whether values of t refer to other memory.
+func typeHasPointers(t reflect.Type) bool { return layoutOf(t).pointers }
 
 // allocSize returns the memory Go's allocator takes for an object of n
 // bytes: n rounded up to its size class (within a few percent of the real

@@ -2,7 +2,9 @@ package tiered
 
 import (
 	"context"
+	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -43,7 +45,6 @@ func (r *remote) getMany(ctx context.Context, keys []string) []remoteRead {
 		cmd *redis.SliceCmd
 	}
 	var chunks []chunk
-	pipe := r.client.Pipeline()
 	for _, g := range groups {
 		br := r.breakerFor(ctx, r.key(keys[g[0]]))
 		if err := r.allow(br); err != nil {
@@ -54,11 +55,7 @@ func (r *remote) getMany(ctx context.Context, keys []string) []remoteRead {
 		}
 		for len(g) > 0 {
 			n := min(len(g), maxBatchKeys)
-			names := make([]string, n)
-			for i, j := range g[:n] {
-				names[i] = r.key(keys[j])
-			}
-			chunks = append(chunks, chunk{g[:n], br, pipe.MGet(ctx, names...)})
+			chunks = append(chunks, chunk{g[:n], br, r.mget(ctx, keys, g[:n])})
 			g = g[n:]
 		}
 	}
@@ -68,6 +65,10 @@ func (r *remote) getMany(ctx context.Context, keys []string) []remoteRead {
 	case 1:
 		_ = r.client.Process(ctx, chunks[0].cmd) // its error is in the command
 	default:
+		pipe := r.client.Pipeline()
+		for _, ch := range chunks {
+			_ = pipe.Process(ctx, ch.cmd)
+		}
 		_, _ = pipe.Exec(ctx)
 	}
 	for _, ch := range chunks {
@@ -78,12 +79,45 @@ func (r *remote) getMany(ctx context.Context, keys []string) []remoteRead {
 			case err != nil:
 				reads[j].err = err
 			case i < len(vals) && vals[i] != nil:
+				// go-redis reads each bulk string into a buffer of its own
+				// and hands it over as a string: its bytes are taken as
+				// they are, not copied (b is only read: decode may not keep
+				// or change it).
 				s, _ := vals[i].(string)
-				reads[j] = remoteRead{b: []byte(s), present: true}
+				reads[j] = remoteRead{b: unsafe.Slice(unsafe.StringData(s), len(s)), present: true}
 			}
 		}
 	}
 	return reads
+}
+
+// mget returns the MGET of keys[j] for j in idx, prefixed. The names are
+// written into one string and passed to go-redis as *string arguments
+// (which it sends, and routes on a cluster, as strings), so that a key
+// costs no allocation of its own: a string argument would be boxed.
+func (r *remote) mget(ctx context.Context, keys []string, idx []int) *redis.SliceCmd {
+	size := 0
+	for _, j := range idx {
+		size += len(r.prefix) + len(keys[j])
+	}
+	var sb strings.Builder
+	sb.Grow(size)
+	for _, j := range idx {
+		sb.WriteString(r.prefix)
+		sb.WriteString(keys[j])
+	}
+	all := sb.String()
+	names := make([]string, len(idx))
+	args := make([]any, 1+len(idx))
+	args[0] = "mget"
+	at := 0
+	for i, j := range idx {
+		end := at + len(r.prefix) + len(keys[j])
+		names[i] = all[at:end]
+		args[1+i] = &names[i]
+		at = end
+	}
+	return redis.NewSliceCmd(ctx, args...)
 }
 
 // runBatch runs the single-key script calls of a batch, grouped by master
