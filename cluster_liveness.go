@@ -29,6 +29,16 @@ import (
 //     That is a gap (L1 bypassed), healed once a heartbeat published after
 //     it comes back through that master (and the subscription itself is
 //     healthy).
+//   - A path is down too when a heartbeat comes back while one that the
+//     master acknowledged before it never did. A master sends everything to
+//     our node over one link, in order, so the earlier one was lost: the
+//     link was reset (by the network, or by Redis when its send buffer
+//     passed cluster-link-sendbuf-limit) with it queued, and with it every
+//     invalidation queued before it. The master reconnects within 100 ms
+//     and the next heartbeats come back, so the silence may never reach 3
+//     intervals. (What a reset loses is only seen if a heartbeat was among
+//     it: a link that stalls for an interval before its reset, as a dead
+//     network path does.)
 //   - A master seen for the first time counts from then as if it had just
 //     echoed, so a master that never echoes is down after the same 3
 //     intervals: a new master cannot hide a broken path.
@@ -50,9 +60,10 @@ type masterPaths struct {
 
 type masterPath struct {
 	client  *redis.Client
-	since   int64  // UnixNano of the last echo, or of when the master was first seen
-	acked   uint64 // highest heartbeat the master acknowledged
-	echoed  uint64 // highest heartbeat that came back
+	since   int64    // UnixNano of the last echo, or of when the master was first seen
+	acked   uint64   // highest heartbeat the master acknowledged
+	echoed  uint64   // highest heartbeat that came back
+	pending []uint64 // while up: heartbeats acknowledged above echoed, in order
 	down    bool
 	healAt  uint64      // while down: an echo above this heals the path
 	sending atomic.Bool // a publish is in flight
@@ -176,11 +187,17 @@ func (s *subscriber) checkPaths() {
 		if p.down || p.acked <= p.echoed || now-p.since <= deadAfter {
 			continue
 		}
-		p.down, p.healAt = true, s.paths.seq
-		s.paths.down++
-		if s.open("heartbeat through a master unanswered", nil, "master", addr) {
-			s.hbMisses.Add(1)
-		}
+		s.pathDown(addr, p, "heartbeat through a master unanswered")
+	}
+}
+
+// pathDown declares the path from the master at addr down: a gap, healed
+// by an echo of a heartbeat sent after now. stateMu must be held.
+func (s *subscriber) pathDown(addr string, p *masterPath, reason string) {
+	p.down, p.healAt, p.pending = true, s.paths.seq, nil
+	s.paths.down++
+	if s.open(reason, nil, "master", addr) {
+		s.hbMisses.Add(1)
 	}
 }
 
@@ -214,6 +231,11 @@ func (s *subscriber) publishHeartbeats() {
 			}
 			s.stateMu.Lock()
 			x.p.acked = max(x.p.acked, seq)
+			// Publishes through one master run one at a time, so the
+			// acknowledged heartbeats are appended in order.
+			if !x.p.down && seq > x.p.echoed {
+				x.p.pending = append(x.p.pending, seq)
+			}
 			s.stateMu.Unlock()
 		}()
 	}
@@ -234,9 +256,20 @@ func (s *subscriber) echoed(payload string) {
 	}
 	p.since = time.Now().UnixNano()
 	p.echoed = max(p.echoed, seq)
-	if p.down && seq > p.healAt {
+	switch {
+	case p.down && seq > p.healAt:
 		p.down = false
 		s.paths.down--
 		s.closeGap()
+	case !p.down:
+		n := 0
+		for n < len(p.pending) && p.pending[n] <= seq {
+			n++
+		}
+		lost := n > 0 && p.pending[0] < seq
+		p.pending = p.pending[n:]
+		if lost {
+			s.pathDown(addr, p, "heartbeat through a master lost")
+		}
 	}
 }
