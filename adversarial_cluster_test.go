@@ -220,11 +220,17 @@ func testClusterNewMasterStall(t *testing.T, tc *testCluster) {
 	if replica == "" {
 		t.Fatalf("master %s has no replica", s.master)
 	}
+	// The reader read the key from the old master, which its subscriber
+	// knew (it serves L1 only once it knows the masters): the change of
+	// masters must flush L1.
+	if _, _, _, tracked, _ := pathState(s.r, s.master); !tracked {
+		t.Fatalf("the reader serves L1 without knowing the master %s of what it holds", s.master)
+	}
 	flushes := s.r.Stats().Flushes
 	if err := tc.node(t, replica).Do(ctx, "cluster", "failover").Err(); err != nil {
 		t.Fatalf("CLUSTER FAILOVER on %s: %v", replica, err)
 	}
-	waitUntil(t, 20*time.Second, "the reader's subscriber to track the new master "+replica, func() bool {
+	waitUntil(t, 20*time.Second, "the reader's subscriber to track the new master "+replica+" and flush L1", func() bool {
 		_, _, _, tracked, _ := pathState(s.r, replica)
 		return tracked && s.r.Stats().Flushes > flushes
 	})

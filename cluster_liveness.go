@@ -54,8 +54,12 @@ import (
 type masterPaths struct {
 	// Guarded by subscriber.stateMu: a path's state decides gaps and heals.
 	byAddr map[string]*masterPath
-	down   int    // paths down
-	seq    uint64 // last heartbeat sequence number sent
+	// unknown is set on a Cluster until the first slot map is loaded: L1 is
+	// not used before, because a change of masters that happened before
+	// that load (a failover losing writes) would flush nothing.
+	unknown bool
+	down    int    // paths down
+	seq     uint64 // last heartbeat sequence number sent
 }
 
 type masterPath struct {
@@ -74,7 +78,7 @@ func masterHeartbeat(seq uint64, addr string) string {
 	return strconv.FormatUint(seq, 10) + " " + addr
 }
 
-// watchCluster runs on a Redis Cluster, every interval:
+// watchCluster runs on a Redis Cluster, at once and then every interval:
 //
 //   - It reloads the client's slot map (one CLUSTER SLOTS) on a goroutine
 //     of its own, one at a time (a reload that asks a hung node waits for
@@ -95,11 +99,13 @@ func (s *subscriber) watchCluster(cc *redis.ClusterClient) {
 	defer t.Stop()
 	var reloading atomic.Bool
 	var last string
-	for {
-		select {
-		case <-t.C:
-		case <-s.ctx.Done():
-			return
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-t.C:
+			case <-s.ctx.Done():
+				return
+			}
 		}
 		if reloading.CompareAndSwap(false, true) {
 			s.wg.Add(1)
@@ -157,6 +163,7 @@ func (s *subscriber) trackMasters(masters map[string]*redis.Client) {
 	if s.paths.byAddr == nil {
 		s.paths.byAddr = make(map[string]*masterPath)
 	}
+	s.paths.unknown = false
 	for addr, p := range s.paths.byAddr {
 		if masters[addr] == nil {
 			if p.down {
