@@ -4,9 +4,15 @@ package tiered
 
 import (
 	"context"
+	"errors"
+	"net"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // Adversarial tests of the Cluster liveness rules, run by TestCluster on
@@ -257,5 +263,126 @@ func testClusterNewMasterStall(t *testing.T, tc *testCluster) {
 	}
 	t.Logf("new master %s, its bus link stalled at once: old value served until %v after the Set (0 = never)",
 		replica, max(last.Sub(setAt), 0).Round(time.Millisecond))
+	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
+}
+
+// testClusterWaitReplicasTryAgain deletes, with WaitReplicas, a key x and
+// the two keys of a half-migrated slot, all on one master whose replica is
+// stopped: the pipeline runs x's script, gets TRYAGAIN for the other, and
+// WAIT finds no replica. The migration then completes, so the retry of the
+// TRYAGAIN script succeeds on the slot's new master (MOVED), whose replica
+// is up. x was deleted on its master only: the Delete must say so, not
+// return nil.
+func testClusterWaitReplicasTryAgain(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	cc := tc.client(t)
+	c := newTestCache[string](t, cc, Options{Namespace: uniqueNamespace(t), WaitReplicas: 1, WaitTimeout: 300 * time.Millisecond})
+	masterOf := func(k string) string {
+		m, err := cc.MasterForKey(ctx, c.remote.key(k))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.Options().Addr
+	}
+	a, b := "{u}a", "{u}b"
+	src := masterOf(a)
+	slot := keySlot(c.remote.key(a))
+	var x, dst string
+	for i := 0; x == ""; i++ {
+		if k := "tryagain-" + strconv.Itoa(i); masterOf(k) == src && keySlot(c.remote.key(k)) != slot {
+			x = k
+		}
+	}
+	replicas := tc.masters(t, src)
+	for m := range replicas {
+		if m != src {
+			dst = m
+			break
+		}
+	}
+	for _, k := range []string{x, a, b} {
+		if err := c.Set(ctx, k, "v1"); err != nil {
+			t.Fatalf("Set %s: %v", k, err)
+		}
+	}
+	srcNode, dstNode := tc.node(t, src), tc.node(t, dst)
+	srcID, dstID := tc.nodeID(t, src), tc.nodeID(t, dst)
+	host, port, _ := net.SplitHostPort(dst)
+	for _, step := range []struct {
+		node *redis.Client
+		args []any
+	}{
+		{dstNode, []any{"cluster", "setslot", slot, "importing", srcID}},
+		{srcNode, []any{"cluster", "setslot", slot, "migrating", dstID}},
+		{srcNode, []any{"migrate", host, port, "", 0, 5000, "keys", c.remote.key(a)}},
+	} {
+		if err := step.node.Do(ctx, step.args...).Err(); err != nil {
+			t.Fatalf("%v: %v", step.args, err)
+		}
+	}
+	finished := false
+	finish := func() {
+		if finished {
+			return
+		}
+		finished = true
+		_ = srcNode.Do(ctx, "migrate", host, port, "", 0, 5000, "keys", c.remote.key(b)).Err()
+		for m := range replicas {
+			if err := tc.node(t, m).Do(ctx, "cluster", "setslot", slot, "node", dstID).Err(); err != nil {
+				t.Errorf("CLUSTER SETSLOT %d NODE on %s: %v", slot, m, err)
+			}
+		}
+	}
+	t.Cleanup(finish)
+	tryAgains := func() int {
+		info, _ := srcNode.Info(ctx, "errorstats").Result()
+		for _, line := range strings.Split(info, "\n") {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(line), "errorstat_TRYAGAIN:count="); ok {
+				n, _ := strconv.Atoi(v)
+				return n
+			}
+		}
+		return 0
+	}
+	// Count the invalidations naming x: the Delete runs x's script once.
+	ps := tc.client(t).Subscribe(ctx, c.remote.channel)
+	t.Cleanup(func() { _ = ps.Close() })
+	if _, err := ps.Receive(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mark := tryAgains()
+	resume := stopProcess(t, tc.nodes[replicas[src]])
+	done := make(chan error, 1)
+	go func() { done <- c.Delete(ctx, x, a, b) }()
+	// The first attempt got TRYAGAIN (its WAIT then waits 300 ms in vain);
+	// complete the migration before the retries.
+	waitUntil(t, 5*time.Second, "the Delete to be answered TRYAGAIN", func() bool { return tryAgains() > mark })
+	finish()
+	err := <-done
+	resume()
+	// A marker published after the Delete returned ends the count.
+	if err := tc.client(t).Publish(ctx, c.remote.channel, "end").Err(); err != nil {
+		t.Fatal(err)
+	}
+	named := 0
+	for {
+		msg, err := ps.ReceiveMessage(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if msg.Payload == "end" {
+			break
+		}
+		if m, err := decodeInvalidation(msg.Payload); err == nil && slices.Contains(m.keys, x) {
+			named++
+		}
+	}
+	if named != 1 {
+		t.Errorf("one Delete published %d invalidations naming %s: its script ran %d times", named, x, named)
+	}
+	if !errors.Is(err, ErrRemoteUnavailable) || !strings.Contains(err.Error(), strconv.Quote(x)) {
+		t.Errorf("Delete with WaitReplicas of %s (its master's replica stopped) and a half-migrated slot's keys: %v; want ErrRemoteUnavailable naming %q as not replicated", x, err, x)
+	}
+	t.Logf("Delete with WaitReplicas, replica stopped, TRYAGAIN then MOVED: %v", err)
 	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
 }
