@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -384,5 +385,63 @@ func testClusterWaitReplicasTryAgain(t *testing.T, tc *testCluster) {
 		t.Errorf("Delete with WaitReplicas of %s (its master's replica stopped) and a half-migrated slot's keys: %v; want ErrRemoteUnavailable naming %q as not replicated", x, err, x)
 	}
 	t.Logf("Delete with WaitReplicas, replica stopped, TRYAGAIN then MOVED: %v", err)
+	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
+}
+
+// stuckReload reports whether a goroutine of the process is inside the
+// subscriber's slot-map reload, waiting for a node's answer.
+func stuckReload() bool {
+	buf := make([]byte, 8<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "reloadMasters") && strings.Contains(g, "loadState") && strings.Contains(g, "Read(") {
+			return true
+		}
+	}
+	return false
+}
+
+// testClusterCloseHungMaster stops (SIGSTOP) a master that holds no
+// subscription of the cache, for less than cluster-node-timeout, with a
+// default ClusterClient, until the subscriber's slot-map reload waits for
+// that master's answer (go-redis ignores the context's deadline then, and
+// waits ReadTimeout, 3 s). Close must not wait for it: like the heartbeat
+// publishes, nothing of the cache is left to do on that answer.
+func testClusterCloseHungMaster(t *testing.T, tc *testCluster) {
+	c := newTestCache[string](t, tc.client(t), Options{Namespace: uniqueNamespace(t), HeartbeatInterval: 50 * time.Millisecond})
+	if err := c.WaitReady(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	sub := tc.subscriptionNode(t, c)
+	var victim string
+	for m := range tc.masters(t, tc.live()) {
+		if m != sub {
+			victim = m
+			break
+		}
+	}
+	resume := stopProcess(t, tc.nodes[victim])
+	stuck := false
+	for start := time.Now(); !stuck && time.Since(start) < 800*time.Millisecond; {
+		stuck = stuckReload()
+		time.Sleep(5 * time.Millisecond) // polling, as waitUntil does
+	}
+	if !stuck {
+		resume()
+		t.Log("no slot-map reload asked the hung master this time (it picks a node at random): nothing to check")
+		return
+	}
+	closed := make(chan struct{})
+	go func() {
+		_ = c.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(500 * time.Millisecond):
+		t.Errorf("Close waited for a slot-map reload stuck on the hung master %s", victim)
+	}
+	resume()
+	<-closed
 	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
 }

@@ -81,8 +81,8 @@ func masterHeartbeat(seq uint64, addr string) string {
 // watchCluster runs on a Redis Cluster, at once and then every interval:
 //
 //   - It reloads the client's slot map (one CLUSTER SLOTS) on a goroutine
-//     of its own, one at a time (a reload that asks a hung node waits for
-//     the client's ReadTimeout), and compares the cluster's masters with
+//     of its own, one at a time, that Close does not wait for (a reload that
+//     asks a hung node waits for the client's ReadTimeout), and compares the cluster's masters with
 //     the last ones seen. A change (a failover) flushes L1: the promoted
 //     replica may lack the last writes its master acknowledged (replication
 //     is asynchronous), so values read before may not be what Redis now
@@ -108,9 +108,9 @@ func (s *subscriber) watchCluster(cc *redis.ClusterClient) {
 			}
 		}
 		if reloading.CompareAndSwap(false, true) {
-			s.wg.Add(1)
+			// Not in s.wg, like the heartbeat publishes: Close must not
+			// wait for a hung node's ReadTimeout.
 			go func() {
-				defer s.wg.Done()
 				defer reloading.Store(false)
 				last = s.reloadMasters(cc, last)
 			}()
@@ -133,8 +133,8 @@ func (s *subscriber) reloadMasters(cc *redis.ClusterClient, last string) string 
 		return nil
 	})
 	cancel()
-	if err != nil || len(masters) == 0 {
-		return last
+	if err != nil || len(masters) == 0 || s.ctx.Err() != nil {
+		return last // or stopped meanwhile: nothing is left to do
 	}
 	s.trackMasters(masters)
 	cur := strings.Join(slices.Sorted(maps.Keys(masters)), " ")

@@ -222,6 +222,7 @@ func TestCluster(t *testing.T) {
 	t.Run("BusLinkReset", func(t *testing.T) { testClusterBusLinkReset(t, tc) })
 	t.Run("NewMasterStall", func(t *testing.T) { testClusterNewMasterStall(t, tc) })
 	t.Run("WaitReplicasTryAgain", func(t *testing.T) { testClusterWaitReplicasTryAgain(t, tc) })
+	t.Run("CloseHungMaster", func(t *testing.T) { testClusterCloseHungMaster(t, tc) })
 	t.Run("MasterDown", func(t *testing.T) { testClusterMasterDown(t, tc) })
 	tc.restartStopped(t)
 	t.Run("Failover", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{}) })
