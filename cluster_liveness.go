@@ -29,6 +29,16 @@ import (
 //     That is a gap (L1 bypassed), healed once a heartbeat published after
 //     it comes back through that master (and the subscription itself is
 //     healthy).
+//   - A path is down too when a heartbeat comes back while one that the
+//     master acknowledged before it never did. A master sends everything to
+//     our node over one link, in order, so the earlier one was lost: the
+//     link was reset (by the network, or by Redis when its send buffer
+//     passed cluster-link-sendbuf-limit) with it queued, and with it every
+//     invalidation queued before it. The master reconnects within 100 ms
+//     and the next heartbeats come back, so the silence may never reach 3
+//     intervals. (What a reset loses is only seen if a heartbeat was among
+//     it: a link that stalls for an interval before its reset, as a dead
+//     network path does.)
 //   - A master seen for the first time counts from then as if it had just
 //     echoed, so a master that never echoes is down after the same 3
 //     intervals: a new master cannot hide a broken path.
@@ -44,15 +54,20 @@ import (
 type masterPaths struct {
 	// Guarded by subscriber.stateMu: a path's state decides gaps and heals.
 	byAddr map[string]*masterPath
-	down   int    // paths down
-	seq    uint64 // last heartbeat sequence number sent
+	// unknown is set on a Cluster until the first slot map is loaded: L1 is
+	// not used before, because a change of masters that happened before
+	// that load (a failover losing writes) would flush nothing.
+	unknown bool
+	down    int    // paths down
+	seq     uint64 // last heartbeat sequence number sent
 }
 
 type masterPath struct {
 	client  *redis.Client
-	since   int64  // UnixNano of the last echo, or of when the master was first seen
-	acked   uint64 // highest heartbeat the master acknowledged
-	echoed  uint64 // highest heartbeat that came back
+	since   int64    // UnixNano of the last echo, or of when the master was first seen
+	acked   uint64   // highest heartbeat the master acknowledged
+	echoed  uint64   // highest heartbeat that came back
+	pending []uint64 // while up: heartbeats acknowledged above echoed, in order
 	down    bool
 	healAt  uint64      // while down: an echo above this heals the path
 	sending atomic.Bool // a publish is in flight
@@ -63,11 +78,11 @@ func masterHeartbeat(seq uint64, addr string) string {
 	return strconv.FormatUint(seq, 10) + " " + addr
 }
 
-// watchCluster runs on a Redis Cluster, every interval:
+// watchCluster runs on a Redis Cluster, at once and then every interval:
 //
 //   - It reloads the client's slot map (one CLUSTER SLOTS) on a goroutine
-//     of its own, one at a time (a reload that asks a hung node waits for
-//     the client's ReadTimeout), and compares the cluster's masters with
+//     of its own, one at a time, that Close does not wait for (a reload that
+//     asks a hung node waits for the client's ReadTimeout), and compares the cluster's masters with
 //     the last ones seen. A change (a failover) flushes L1: the promoted
 //     replica may lack the last writes its master acknowledged (replication
 //     is asynchronous), so values read before may not be what Redis now
@@ -84,16 +99,18 @@ func (s *subscriber) watchCluster(cc *redis.ClusterClient) {
 	defer t.Stop()
 	var reloading atomic.Bool
 	var last string
-	for {
-		select {
-		case <-t.C:
-		case <-s.ctx.Done():
-			return
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-t.C:
+			case <-s.ctx.Done():
+				return
+			}
 		}
 		if reloading.CompareAndSwap(false, true) {
-			s.wg.Add(1)
+			// Not in s.wg, like the heartbeat publishes: Close must not
+			// wait for a hung node's ReadTimeout.
 			go func() {
-				defer s.wg.Done()
 				defer reloading.Store(false)
 				last = s.reloadMasters(cc, last)
 			}()
@@ -116,8 +133,8 @@ func (s *subscriber) reloadMasters(cc *redis.ClusterClient, last string) string 
 		return nil
 	})
 	cancel()
-	if err != nil || len(masters) == 0 {
-		return last
+	if err != nil || len(masters) == 0 || s.ctx.Err() != nil {
+		return last // or stopped meanwhile: nothing is left to do
 	}
 	s.trackMasters(masters)
 	cur := strings.Join(slices.Sorted(maps.Keys(masters)), " ")
@@ -146,6 +163,7 @@ func (s *subscriber) trackMasters(masters map[string]*redis.Client) {
 	if s.paths.byAddr == nil {
 		s.paths.byAddr = make(map[string]*masterPath)
 	}
+	s.paths.unknown = false
 	for addr, p := range s.paths.byAddr {
 		if masters[addr] == nil {
 			if p.down {
@@ -176,11 +194,17 @@ func (s *subscriber) checkPaths() {
 		if p.down || p.acked <= p.echoed || now-p.since <= deadAfter {
 			continue
 		}
-		p.down, p.healAt = true, s.paths.seq
-		s.paths.down++
-		if s.open("heartbeat through a master unanswered", nil, "master", addr) {
-			s.hbMisses.Add(1)
-		}
+		s.pathDown(addr, p, "heartbeat through a master unanswered")
+	}
+}
+
+// pathDown declares the path from the master at addr down: a gap, healed
+// by an echo of a heartbeat sent after now. stateMu must be held.
+func (s *subscriber) pathDown(addr string, p *masterPath, reason string) {
+	p.down, p.healAt, p.pending = true, s.paths.seq, nil
+	s.paths.down++
+	if s.open(reason, nil, "master", addr) {
+		s.hbMisses.Add(1)
 	}
 }
 
@@ -214,6 +238,11 @@ func (s *subscriber) publishHeartbeats() {
 			}
 			s.stateMu.Lock()
 			x.p.acked = max(x.p.acked, seq)
+			// Publishes through one master run one at a time, so the
+			// acknowledged heartbeats are appended in order.
+			if !x.p.down && seq > x.p.echoed {
+				x.p.pending = append(x.p.pending, seq)
+			}
 			s.stateMu.Unlock()
 		}()
 	}
@@ -234,9 +263,20 @@ func (s *subscriber) echoed(payload string) {
 	}
 	p.since = time.Now().UnixNano()
 	p.echoed = max(p.echoed, seq)
-	if p.down && seq > p.healAt {
+	switch {
+	case p.down && seq > p.healAt:
 		p.down = false
 		s.paths.down--
 		s.closeGap()
+	case !p.down:
+		n := 0
+		for n < len(p.pending) && p.pending[n] <= seq {
+			n++
+		}
+		lost := n > 0 && p.pending[0] < seq
+		p.pending = p.pending[n:]
+		if lost {
+			s.pathDown(addr, p, "heartbeat through a master lost")
+		}
 	}
 }

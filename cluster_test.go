@@ -219,6 +219,11 @@ func TestCluster(t *testing.T) {
 	t.Run("StalledBusLink", func(t *testing.T) { testClusterStalledBus(t, tc) })
 	t.Run("Migration", func(t *testing.T) { testClusterMigration(t, tc) })
 	t.Run("HungMaster", func(t *testing.T) { testClusterHungMaster(t, tc) })
+	t.Run("StalledBusOneMaster", func(t *testing.T) { testClusterStalledBusOneMaster(t, tc) })
+	t.Run("BusLinkReset", func(t *testing.T) { testClusterBusLinkReset(t, tc) })
+	t.Run("NewMasterStall", func(t *testing.T) { testClusterNewMasterStall(t, tc) })
+	t.Run("WaitReplicasTryAgain", func(t *testing.T) { testClusterWaitReplicasTryAgain(t, tc) })
+	t.Run("CloseHungMaster", func(t *testing.T) { testClusterCloseHungMaster(t, tc) })
 	t.Run("MasterDown", func(t *testing.T) { testClusterMasterDown(t, tc) })
 	tc.restartStopped(t)
 	t.Run("Failover", func(t *testing.T) { testClusterFailover(t, tc, failoverMode{}) })
@@ -858,8 +863,10 @@ func testClusterFailover(t *testing.T, tc *testCluster, mode failoverMode) {
 	// Time until each instance serves, from L1, a value it read from the
 	// promoted master: its subscription is healthy, and a Get of its probe
 	// key (dropped from L1 first) reads Redis and fills L1.
+	// (An instance may serve it at once: its own slot-map reload can see
+	// the promotion before this test does. Hence served, not a zero time.)
 	recovered := make([]time.Duration, len(caches))
-	served := make([]bool, len(caches)) // a recovery under 0.5 ms rounds to 0
+	served := make([]bool, len(caches))
 	var probing sync.WaitGroup
 	for i, c := range caches {
 		probing.Add(1)
@@ -882,8 +889,8 @@ func testClusterFailover(t *testing.T, tc *testCluster, mode failoverMode) {
 		}()
 	}
 	probing.Wait()
-	for i, ok := range served {
-		if !ok {
+	for i := range recovered {
+		if !served[i] {
 			t.Errorf("instance %d did not serve L1 hits for keys on the promoted master within 30 s of the promotion (subscription healthy: %v, stats %+v)",
 				i, caches[i].sub.healthy(), caches[i].Stats())
 		}

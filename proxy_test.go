@@ -28,8 +28,9 @@ type tcpProxy struct {
 
 type proxyConn struct {
 	client, server net.Conn
-	subscriber     bool // has sent a (P|S)SUBSCRIBE; guarded by tcpProxy.mu
-	dead           bool // guarded by tcpProxy.mu
+	subscriber     bool   // has sent a (P|S)SUBSCRIBE; guarded by tcpProxy.mu
+	dead           bool   // guarded by tcpProxy.mu
+	head           []byte // the first bytes the client sent (up to 128); guarded by tcpProxy.mu
 }
 
 // startProxy listens on a free loopback port and forwards every connection
@@ -186,9 +187,12 @@ func (p *tcpProxy) pump(c *proxyConn, src, dst net.Conn, fromClient bool) {
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
-			if fromClient && sendsSubscribe(buf[:n]) {
+			if fromClient {
 				p.mu.Lock()
-				c.subscriber = true
+				c.subscriber = c.subscriber || sendsSubscribe(buf[:n])
+				if len(c.head) < 128 {
+					c.head = append(c.head, buf[:min(n, 128-len(c.head))]...)
+				}
 				p.mu.Unlock()
 			}
 			if !p.hold(c) {

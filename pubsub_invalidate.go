@@ -157,6 +157,7 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 		kick:      make(chan struct{}, 1),
 		subDown:   true,
 	}
+	_, s.paths.unknown = client.(*redis.ClusterClient)
 	s.epoch.Store(1) // unhealthy until the first ping is answered
 	s.lastPong.Store(time.Now().UnixNano())
 	s.gapAt = time.Now()
@@ -272,9 +273,10 @@ func (s *subscriber) open(reason string, err error, attrs ...any) bool {
 }
 
 // closeGap makes the epoch even again once the subscription and every
-// master path (on a cluster) are healthy. stateMu must be held.
+// master path (on a cluster, once its masters are known) are healthy.
+// stateMu must be held.
 func (s *subscriber) closeGap() {
-	if s.epoch.Load()&1 == 1 && !s.subDown && s.paths.down == 0 {
+	if s.epoch.Load()&1 == 1 && !s.subDown && s.paths.down == 0 && !s.paths.unknown {
 		s.epoch.Add(1)
 		close(s.healed)
 		s.broken = make(chan struct{})

@@ -624,17 +624,23 @@ func (r *remote) runGroup(ctx context.Context, g *callGroup, waited bool) error 
 		return r.check(ctx, g.breaker, g.err)
 	}
 	calls := g.calls
+	// With WaitReplicas: what every attempt's WAIT found not replicated. The
+	// calls of an attempt that ran are not sent again, so a retry that
+	// succeeds does not make up for them.
+	var notReplicated []error
 	for attempt := 0; ; attempt++ {
 		var err error
 		if waited {
-			err = r.execWaited(ctx, g.node, calls, false, 0)
+			var short error
+			err, short = r.execWaited(ctx, g.node, calls, false, 0)
+			notReplicated = append(notReplicated, short)
 		} else {
 			err = r.exec(ctx, calls)
 		}
 		if err == nil || !redis.HasErrorPrefix(err, "TRYAGAIN") || attempt == len(tryAgainPauses) {
-			if errors.Is(err, errNotReplicated) {
+			if short := errors.Join(notReplicated...); err == nil && short != nil {
 				r.succeeded(g.breaker) // Redis answered
-				return fmt.Errorf("%w: %w", ErrRemoteUnavailable, err)
+				return fmt.Errorf("%w: %w", ErrRemoteUnavailable, short)
 			}
 			return r.check(ctx, g.breaker, err)
 		}
@@ -722,8 +728,10 @@ func noScript(calls []*scriptCall) bool {
 // redirected by MOVED (the slot moved: the slot map is reloaded) or ASK
 // (the slot is being migrated and the key is on the target already) are
 // sent again, with their own WAIT, to the node named, up to the client's
-// MaxRedirects times.
-func (r *remote) execWaited(ctx context.Context, node *redis.Client, calls []*scriptCall, asking bool, redirects int) error {
+// MaxRedirects times. It returns the calls' failures and, apart, what ran
+// but was not replicated (a WAIT short of replicas): the WAIT is checked
+// whenever a call ran, whatever happened to the others.
+func (r *remote) execWaited(ctx context.Context, node *redis.Client, calls []*scriptCall, asking bool, redirects int) (failed, notReplicated error) {
 	if node == nil {
 		node, _ = r.client.(*redis.Client) // Options.withDefaults rejects other clients
 	}
@@ -776,24 +784,26 @@ func (r *remote) execWaited(ctx context.Context, node *redis.Client, calls []*sc
 	if first == nil && len(redirected) == 0 && err != nil {
 		first = err // the WAIT, or the connection
 	}
-	if first == nil && ran {
+	shorts := make([]error, 1, 1+len(redirected))
+	if ran {
 		n, werr := wait.Int64()
 		switch {
-		case werr != nil:
+		case werr != nil && first == nil:
 			first = werr
-		case n < int64(r.waitReplicas):
-			first = fmt.Errorf("%w: %d of %d within %v", errNotReplicated, n, r.waitReplicas, r.waitTimeout)
+		case werr == nil && n < int64(r.waitReplicas):
+			shorts[0] = fmt.Errorf("%w: %d of %d within %v", errNotReplicated, n, r.waitReplicas, r.waitTimeout)
 		}
 	}
 	errs := []error{first}
 	for tg, cs := range redirected {
 		to, err := r.masterAt(ctx, cc, tg.addr)
+		var short error
 		if err == nil {
-			err = r.execWaited(ctx, to, cs, tg.ask, redirects+1)
+			err, short = r.execWaited(ctx, to, cs, tg.ask, redirects+1)
 		}
-		errs = append(errs, err)
+		errs, shorts = append(errs, err), append(shorts, short)
 	}
-	return errors.Join(errs...)
+	return errors.Join(errs...), errors.Join(shorts...)
 }
 
 // masterAt returns the client of the master at addr, reloading cc's slot
