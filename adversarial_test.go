@@ -242,6 +242,10 @@ func argsContain(cmd redis.Cmder, marker []byte) bool {
 			if strings.Contains(v, string(marker)) {
 				return true
 			}
+		case *string: // how GetMany passes its MGET's keys
+			if strings.Contains(*v, string(marker)) {
+				return true
+			}
 		}
 	}
 	return false

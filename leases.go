@@ -91,8 +91,10 @@ func (w *leaseWaits) remove(key string, lw *leaseWait) {
 // wake wakes the waits for key with a message of kind, carrying envelope,
 // just applied to L1. The ticket under which a waiter may keep the value
 // is taken now, on the subscriber's goroutine: taken by the waiter when it
-// runs, it could postdate a later message that replaced the value.
-func (w *leaseWaits) wake(key string, kind byte, version uint64, envelope string, begin func(string) ticket) {
+// runs, it could postdate a later message that replaced the value. If L1
+// knows of a newer write than the message's (begin says), the waiter gets
+// a bare invalidation instead: it reads Redis again.
+func (w *leaseWaits) wake(key string, kind byte, version uint64, envelope string, begin func(string, uint64) (ticket, bool)) {
 	if w.n.Load() == 0 {
 		return
 	}
@@ -102,7 +104,11 @@ func (w *leaseWaits) wake(key string, kind byte, version uint64, envelope string
 		select {
 		case <-lw.woken:
 		default:
-			lw.kind, lw.version, lw.envelope, lw.ticket = kind, version, envelope, begin(key)
+			t, current := begin(key, version)
+			lw.kind, lw.version, lw.envelope, lw.ticket = kind, version, envelope, t
+			if !current {
+				lw.kind, lw.envelope = msgKeys, ""
+			}
 			close(lw.woken)
 		}
 	}

@@ -227,6 +227,25 @@ func (l *local[V]) begin(key string) ticket {
 	return ticket{hash: h, check: l.check(key), gen: l.gen(h).Load(), epoch: ep}
 }
 
+// beginAt is begin for a fill with the value of key's write of version
+// that a message carried (a lease waiter's), and reports whether that
+// value may be kept: L1 has heard of no newer write of the key (or of its
+// slot). The ticket alone cannot tell: the message may be older than a
+// write of this instance that L1 kept before the message arrived, under
+// the generation the ticket reads now.
+//
+//	A: Set(k, v2) returns; L1 keeps v2 and hears of v2
+//	A: v2's own message arrives; L1 holds v2 already: nothing to do
+//	A: the message of another instance's older write-back of v1 arrives
+//	   late (L1 keeps v2) and wakes a GetOrLoad of A that waited for that
+//	   write-back's lease
+//	A: were the waiter to keep v1 under a ticket taken now, L1 would serve
+//	   v1, and no message would ever remove it
+func (l *local[V]) beginAt(key string, version uint64) (ticket, bool) {
+	t := l.begin(key)
+	return t, l.newestOf(t.hash).Load() <= version
+}
+
 // set stores e, filled under ticket t, for its key. If wait (a value
 // loaded while Redis failed), it hands e to ristretto and waits until
 // ristretto has applied it, so that it outlives the fill buffer (unless
@@ -285,16 +304,32 @@ const storeLocks = 64
 // versioned e.version, unless L1 has heard of a newer version of key (or of
 // a key in its slot), or the subscription had a gap since t was taken
 // (before the write: an invalidation of a newer write may have been lost).
+//
+// The write's version is heard of at once, before its message arrives:
+// messages older than it, still on their way, must not hand their values
+// to lease waiters (see beginAt).
 func (l *local[V]) wrote(t ticket, e *entry[V]) {
 	mu := l.lock(t.hash)
 	mu.Lock()
 	defer mu.Unlock()
+	newer := l.newestOf(t.hash).Load() > e.version
+	raise(l.newestOf(t.hash), e.version)
 	l.settle(t.hash, t.check, e.version, true, func(bool) *entry[V] {
-		if !t.healthy() || l.epoch.Load() != t.epoch || l.newestOf(t.hash).Load() > e.version {
+		if !t.healthy() || l.epoch.Load() != t.epoch || newer {
 			return nil
 		}
 		return e
 	})
+}
+
+// raise makes v at least version.
+func raise(v *atomic.Uint64, version uint64) {
+	for {
+		cur := v.Load()
+		if cur >= version || v.CompareAndSwap(cur, version) {
+			return
+		}
+	}
 }
 
 // heard applies an invalidation of key at version (a write Redis versioned
@@ -306,12 +341,7 @@ func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V
 	mu := l.lock(h)
 	mu.Lock()
 	defer mu.Unlock()
-	for v := l.newestOf(h); ; {
-		cur := v.Load()
-		if cur >= version || v.CompareAndSwap(cur, version) {
-			break
-		}
-	}
+	raise(l.newestOf(h), version)
 	l.settle(h, check, version, false, func(held bool) *entry[V] {
 		if !held || replacement == nil {
 			return nil

@@ -890,7 +890,7 @@ func (c *Cache[V]) invalidated(payload string) {
 		}
 	}
 	for _, k := range m.keys {
-		c.waits.wake(k, m.kind, m.version, m.envelope, c.local.begin)
+		c.waits.wake(k, m.kind, m.version, m.envelope, c.local.beginAt)
 	}
 	if m.origin == c.id {
 		return
