@@ -15,7 +15,8 @@ import (
 // time.Time's monotonic reading or a []byte the caller reuses cannot make
 // the instance that wrote a value see another one than the rest of the
 // fleet. That costs one decode per Set and per load. A Codec that panics
-// is treated like one that returns an error.
+// is treated like one that returns an error. Unmarshal must not modify
+// data: it may be the memory of Redis' reply, shared, not a copy.
 type Codec interface {
 	Marshal(v any) ([]byte, error)
 	Unmarshal(data []byte, v any) error
