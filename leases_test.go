@@ -2,6 +2,7 @@ package tiered
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -256,5 +257,61 @@ func TestAWaiterLeavesWhenItsContextEnds(t *testing.T) {
 	}()
 	if _, err := b.GetOrLoad(ctx, "k", func(context.Context, string) (string, error) { return "b", nil }); !errors.Is(err, context.Canceled) {
 		t.Errorf("GetOrLoad = %v; want context.Canceled", err)
+	}
+}
+
+// stampedEnvelope is the envelope of a value v written as version.
+func stampedEnvelope(kind byte, v string, version uint64) []byte {
+	env := encodeEnvelope(kind, time.Now().Add(time.Hour).UnixNano(), []byte(v))
+	binary.BigEndian.PutUint64(env[versionAt:], version)
+	return env
+}
+
+// A lease waiter is not handed a value older than one L1 kept already:
+//
+//	A: GetOrLoad(k) waits for another instance's lease on k
+//	A: Set(k, v2) returns; L1 keeps v2 (its message is still on its way)
+//	A: the late message of the other instance's write-back of v1 (older
+//	   than v2 in Redis) wakes the waiter
+//
+// Were the waiter to keep v1 under a ticket taken then, L1 would serve v1
+// once v2's own message, finding v2 kept, had moved nothing. It reads
+// Redis again instead.
+func TestALeaseWaiterDoesNotKeepAValueOlderThanAnOwnWrite(t *testing.T) {
+	mr, rdb := newMiniredis(t)
+	c := newTestCache[string](t, rdb, Options{})
+	ctx := context.Background()
+	const lease, v1, v2 = 1000, 2000, 3000
+	leaseEnv := stampedEnvelope(kindLease, string(newLeaseToken()), lease)
+	if err := rdb.Set(ctx, c.remote.key("k"), leaseEnv, 10*time.Second).Err(); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan string, 1)
+	go func() {
+		v, err := c.GetOrLoad(ctx, "k", func(context.Context, string) (string, error) { return "loaded", nil })
+		if err != nil {
+			v = err.Error()
+		}
+		got <- v
+	}()
+	waitUntil(t, 5*time.Second, "the GetOrLoad to wait for the lease", func() bool { return c.waits.n.Load() == 1 })
+
+	// A's own write of v2: in Redis, and kept in L1, its message not yet here.
+	mr.Set(c.remote.key("k"), string(stampedEnvelope(kindValue, "v2", v2)))
+	e := c.entry("k", "v2", false, 2, time.Minute, time.Now().Add(time.Hour).UnixNano(), v2)
+	c.local.wrote(c.local.begin("k"), e)
+
+	c.invalidated(string(encodeValueMessage(c.id+1, v1, "k", stampedEnvelope(kindValue, "v1", v1))))
+	select {
+	case v := <-got:
+		if v != "v2" {
+			t.Fatalf("the waiter woken by an older write's message returned %q; want v2, read again from Redis", v)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the waiter did not return")
+	}
+	c.invalidated(string(encodeValueMessage(c.id, v2, "k", stampedEnvelope(kindValue, "v2", v2))))
+	if v, src, err := c.GetFrom(ctx, "k"); v != "v2" || err != nil {
+		t.Fatalf("Get after both messages = %q from %v, %v; want v2", v, src, err)
 	}
 }
