@@ -4,7 +4,8 @@
 //
 // # Data path
 //
-// A read (Get, GetOrLoad) first asks L1, a ristretto cache of decoded Go
+// A read (Get, GetOrLoad, and per key GetMany and GetOrLoadMany; see
+// Batch reads) first asks L1, a ristretto cache of decoded Go
 // values bounded in bytes of memory (each entry is charged an estimate of
 // what its decoded value holds, made once per fill, or Options.Cost's
 // figure); a hit costs a ristretto lookup, two hashes and a
@@ -15,6 +16,9 @@
 // Redis entry has left. If Redis does not have the key, GetOrLoad's read
 // takes the key's lease in the same round trip, calls the loader, and
 // writes the result back if no Set or Delete came meanwhile (see Leases).
+// With Options.RefreshAfter, a GetOrLoad hit on an old value also starts a
+// background reload, and with Options.StaleIfError an expired value is kept
+// for a while in case a load fails (see Freshness).
 // A write (Set, Delete) changes Redis and publishes an invalidation in one
 // atomic script; every other instance drops the key from its L1 when the
 // message arrives, or, if a Set's small value came with it, replaces the
@@ -38,9 +42,12 @@
 // the writes replaced: between a writer's Set or Delete returning and its
 // message arriving (one pub/sub hop), for at most 4 × HeartbeatInterval
 // after its subscription silently died, and up to the L1 TTL for writes
-// made to Redis or your database without this package. Once its own Set or
-// Delete of a key has returned, an instance never serves an older value of
-// that key (read-your-writes).
+// made to Redis or your database without this package. On a Redis Cluster,
+// a cluster-bus link reset without a stall before it can lose messages
+// unseen (until the L1 TTL), and after a failover L1 is flushed only once
+// the next slot-map reload sees the new masters (see Cluster and the
+// README). Once its own Set or Delete of a key has returned, an instance
+// never serves an older value of that key (read-your-writes).
 //
 // Three mechanisms make that hold. Versions: Redis stamps every write
 // with a version that grows, per key, in the order it ran the writes; L1
@@ -115,8 +122,13 @@
 // All instances that share a Namespace must run the same version of this
 // package until v1: the envelope and message formats may change between
 // versions (a value in an older format reads as a miss). Deploy a new
-// version under a new Namespace, except where the README says a rolling
-// upgrade works (envelope format 3, which this version introduced: an
-// older instance reads its values as misses and overwrites them). Redis
-// must be 6.0 or later.
+// version under a new Namespace (from v0.1.0, this version must be),
+// except where the README says a rolling upgrade works: envelope format 3,
+// which this version introduced, over instances that write format 2. An
+// older instance reads format 3 values as misses and overwrites them (extra
+// loads, never a wrong value); but its writes over them are versioned from
+// Redis' clock alone, so if that clock steps back during the rollout a new
+// instance may ignore such a write's invalidation until LocalTTL: finish
+// the rollout without clock steps, or use a new Namespace. Redis must be
+// 6.0 or later.
 package tiered

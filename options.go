@@ -35,9 +35,11 @@ type Options struct {
 	// LocalMaxBytes bounds the memory L1 holds: entries are charged an
 	// estimate of what their decoded values hold in memory (strings, slice
 	// backing arrays, maps and what pointers reach, once each), plus ~200
-	// bytes of the entry and ristretto's bookkeeping, or Cost if set. The
-	// live heap L1 accounts for stays within ~1.125 × LocalMaxBytes, and an
-	// empty L1 takes ~3% of it (counters and tables). Default 64 MiB.
+	// bytes of the entry and ristretto's bookkeeping; Cost, if set, replaces
+	// the estimate. Fills waiting to enter ristretto take up to a sixteenth
+	// more. The live heap L1 accounts for stays within 1.125 × LocalMaxBytes
+	// + 2 MiB, and an empty L1 takes ~4% of the default 64 MiB (counters and
+	// tables; a larger share of a small budget). Default 64 MiB.
 	LocalMaxBytes int64
 
 	// Cost, if set, returns what a value holds in memory, in bytes, in
@@ -120,7 +122,9 @@ type Options struct {
 	// is alive: a PING on its own connection. A subscription with a PING
 	// unanswered and no answer for 3 intervals is declared dead: L1 is
 	// bypassed and the subscription rebuilt, so a silent death is noticed
-	// within 4 intervals. Default 500 ms. Caches that
+	// within 4 intervals. On a *redis.ClusterClient, a heartbeat published
+	// through every master must also come back within 3 intervals, and the
+	// slot map is reloaded every interval. Default 500 ms. Caches that
 	// share a Redis client share one subscription, whose interval is that of
 	// the first Cache created on the client.
 	HeartbeatInterval time.Duration

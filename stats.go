@@ -44,11 +44,13 @@ type Stats struct {
 	KeysInvalidated        uint64 // keys dropped from L1 by received invalidations
 	KeysReplaced           uint64 // of those, keys L1 held whose new value came with the invalidation and replaced the old one
 
-	// The counters below belong to the subscription this Cache shares with
-	// the other Caches on its Redis client, and read the same in all of them.
-	SubscriptionGaps uint64 // times the subscription was found broken: L1 was flushed
-	HeartbeatMisses  uint64 // gaps found because a heartbeat did not come back in time
-	Flushes          uint64 // L1 flushes without a gap: Redis answered again after failing, or a cluster's masters changed
+	// SubscriptionGaps, HeartbeatMisses and Flushes belong to the
+	// subscription this Cache shares with the other Caches on its Redis
+	// client, and read the same in all of them; LocalBypassed is this
+	// Cache's own.
+	SubscriptionGaps uint64 // times the subscription was found broken: L1 bypassed until it healed, then flushed
+	HeartbeatMisses  uint64 // gaps found because a heartbeat (a PING, or on a cluster one through a master) did not come back in time
+	Flushes          uint64 // L1 flushes without a gap: Redis answered again after failing (on a cluster, a master whose outage kept too many keys to drop them one by one), or a cluster's masters changed
 	LocalBypassed    uint64 // L1 misses caused by an unhealthy subscription (this Cache)
 }
 
