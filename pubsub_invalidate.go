@@ -295,8 +295,9 @@ func (s *subscriber) flush(reason string) {
 		s.epoch.Add(2)
 	}
 	s.flushes.Add(1)
-	// Debug: while part of a cluster is down, calls to it fail and others
-	// succeed, and each success after a failure flushes.
+	// Debug, not Warn: a flush is an expected part of recovering (from a
+	// gap, or from an outage of Redis or of a master that kept too many
+	// values to drop them one by one), and may come in bursts.
 	s.log.Debug("tiered: L1 flushed", "reason", reason)
 }
 
