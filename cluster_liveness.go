@@ -82,8 +82,8 @@ func masterHeartbeat(seq uint64, addr string) string {
 //
 //   - It reloads the client's slot map (one CLUSTER SLOTS) on a goroutine
 //     of its own, one at a time, that Close does not wait for (a reload that
-//     asks a hung node waits for the client's ReadTimeout), and compares the cluster's masters with
-//     the last ones seen. A change (a failover) flushes L1: the promoted
+//     asks a hung node waits for the client's ReadTimeout), and compares
+//     the cluster's masters with the last ones seen. A change (a failover) flushes L1: the promoted
 //     replica may lack the last writes its master acknowledged (replication
 //     is asynchronous), so values read before may not be what Redis now
 //     holds, and a subscription on another node sees nothing of it. The

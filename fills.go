@@ -23,10 +23,10 @@ const (
 // while ristretto applies it, until the next batch or for fillDelay: a read
 // that ristretto cannot answer looks here before it counts as a miss.
 // (Longer would keep fills that ristretto rejected alive beyond L1's
-// budget; a fill ristretto is slower to apply is a miss, never stale.) So a fill is visible at
-// once, as if it had gone to ristretto directly, and entries here are
-// checked like ristretto's (by their ticket), so what the buffer holds
-// needs no invalidating beyond what ristretto's entries get.
+// budget; a fill ristretto is slower to apply is a miss, never stale.) So
+// a fill is visible at once, as if it had gone to ristretto directly, and
+// entries here are checked like ristretto's (by their ticket), so what the
+// buffer holds needs no invalidating beyond what ristretto's entries get.
 type fillBuffer[V any] struct {
 	limit int64 // the pending fills are due once they cost this much
 

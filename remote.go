@@ -80,10 +80,10 @@ return v`)
 // first), the load's own lease ("lease", its token in ARGV[4]), or the
 // value of version ARGV[4][1-8] ("version": a refresh, or the reload of a
 // value past its expiry, of format 3 or an older instance's format 2),
-// held under the refresh lease ARGV[4][9-16] if given. A Set or Delete while the load ran is newer than the loaded
-// value and wins: it replaced or removed what the load found, lease
-// included (only "absent", used with leases off, cannot tell a Delete from
-// nothing). If another instance waits for the lease, or the load replaces
+// held under the refresh lease ARGV[4][9-16] if given. A Set or Delete
+// while the load ran is newer than the loaded value and wins: it replaced
+// or removed what the load found, lease included (only "absent", used with
+// leases off, cannot tell a Delete from nothing). If another instance waits for the lease, or the load replaces
 // a value ("version": other instances may hold it in L1), the script
 // publishes the value's invalidation, made like writeScript's from
 // ARGV[5-8]. It returns {version, 1 if it published}, or nil if it stored
@@ -303,8 +303,9 @@ var fillModes = [...]string{fillAbsent: "absent", fillSame: "same", fillWrongTyp
 
 // fill stores a loaded value under key if Redis still holds what the load
 // found (mode; held is the corrupt value for fillSame, the lease token for
-// fillLease, the version and refresh lease, if any, for fillVersion). A value written by Set or a Delete while the load ran is
-// newer than the loaded one and must win. It returns the version Redis gave
+// fillLease, the version and refresh lease, if any, for fillVersion). A
+// value written by Set or a Delete while the load ran is newer than the
+// loaded one and must win. It returns the version Redis gave
 // the value, or stored false. No other instance serves the key from L1
 // while Redis has no value for it (but values it loaded during an outage,
 // which live no longer than its breaker stays open), so the invalidation,

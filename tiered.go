@@ -359,7 +359,9 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 	return nil
 }
 
-// WaitReady blocks until the cache serves from L1 (its invalidation subscription is confirmed and healthy), or ctx ends (then it returns ctx.Err()).
+// WaitReady blocks until the cache serves from L1 (its invalidation
+// subscription is confirmed and healthy), or ctx ends (then it returns
+// ctx.Err()).
 //
 // Until then, and whenever the subscription is unhealthy later, reads go to
 // Redis: correct, but slower. A service that wants L1 from its first
