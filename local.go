@@ -106,7 +106,7 @@ type local[V any] struct {
 	epoch  *atomic.Uint64 // owned by the subscriber; odd while unhealthy
 	seed   [2]maphash.Seed
 	gens   []atomic.Uint64 // a power of two long
-	newest []atomic.Uint64 // per generation slot: the newest version an invalidation named
+	newest []atomic.Uint64 // per generation slot: the newest version an invalidation or own write named
 	locks  [storeLocks]sync.Mutex
 	reads  readCounters
 	fills  fillBuffer[V]
