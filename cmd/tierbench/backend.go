@@ -4,22 +4,29 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
 )
 
-// backend is the Redis the instances share.
+// backend is the Redis the instances share: one server, or a Cluster.
 type backend struct {
-	addr string
-	name string // for the report
-	mini *miniredis.Miniredis
+	addr    string
+	cluster []string // seed addresses of a Redis Cluster; then addr is ""
+	name    string   // for the report
+	mini    *miniredis.Miniredis
 }
 
-// startBackend connects to the Redis at addr, or starts an embedded
-// miniredis if addr is empty.
-func startBackend(ctx context.Context, addr string) (*backend, error) {
+// startBackend connects to the Redis Cluster with the seed addresses
+// cluster, or else to the Redis at addr, or starts an embedded miniredis if
+// addr is empty too.
+func startBackend(ctx context.Context, addr string, cluster []string) (*backend, error) {
+	if len(cluster) > 0 {
+		return startCluster(ctx, cluster)
+	}
 	if addr == "" {
 		m, err := miniredis.Run()
 		if err != nil {
@@ -37,8 +44,46 @@ func startBackend(ctx context.Context, addr string) (*backend, error) {
 	return &backend{addr: addr, name: "redis at " + addr}, nil
 }
 
-func (b *backend) client() *redis.Client {
-	return redis.NewClient(&redis.Options{Addr: b.addr})
+func startCluster(ctx context.Context, seeds []string) (*backend, error) {
+	be := &backend{cluster: seeds}
+	rdb := be.client(0)
+	defer rdb.Close()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	masters := 0
+	var mu sync.Mutex
+	err := rdb.(*redis.ClusterClient).ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+		mu.Lock()
+		masters++
+		mu.Unlock()
+		return m.Ping(ctx).Err()
+	})
+	if err != nil {
+		return nil, fmt.Errorf("redis cluster at %s does not answer: %w", strings.Join(seeds, ","), err)
+	}
+	be.name = fmt.Sprintf("redis cluster of %d masters at %s", masters, strings.Join(seeds, ","))
+	return be, nil
+}
+
+// client returns a new client of the backend: a *redis.ClusterClient on a
+// Cluster, else a *redis.Client. poolSize bounds its connections (per node
+// on a Cluster); 0 means go-redis' default.
+func (b *backend) client(poolSize int) redis.UniversalClient {
+	if len(b.cluster) > 0 {
+		return redis.NewClusterClient(&redis.ClusterOptions{Addrs: b.cluster, PoolSize: poolSize})
+	}
+	return redis.NewClient(&redis.Options{Addr: b.addr, PoolSize: poolSize})
+}
+
+// nodes calls fn on a client of every node that holds data: the server, or
+// each master of a Cluster.
+func (b *backend) nodes(ctx context.Context, fn func(context.Context, *redis.Client) error) error {
+	rdb := b.client(0)
+	defer rdb.Close()
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		return cc.ForEachMaster(ctx, fn)
+	}
+	return fn(ctx, rdb.(*redis.Client))
 }
 
 // newNamespace returns a namespace no other run uses, so that runs against
@@ -54,10 +99,13 @@ func (b *backend) close(ns string) error {
 		b.mini.Close()
 		return nil
 	}
-	rdb := b.client()
-	defer rdb.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	return b.nodes(ctx, func(ctx context.Context, rdb *redis.Client) error { return unlinkAll(ctx, rdb, ns) })
+}
+
+// unlinkAll deletes the keys of namespace ns from the node of rdb.
+func unlinkAll(ctx context.Context, rdb *redis.Client, ns string) error {
 	iter := rdb.Scan(ctx, 0, ns+":*", 1000).Iterator()
 	var batch []string
 	flush := func() error {

@@ -5,6 +5,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -25,9 +29,19 @@ type config struct {
 	// Options.RefreshAfter, and compares the latency of hot-key reads.
 	refreshAfter time.Duration
 	duration     time.Duration
-	redis        string // "" means an embedded miniredis
+	redis        string   // "" means an embedded miniredis
+	cluster      []string // seed addresses of a Redis Cluster; beats redis
 	json         bool
 	svg          string
+
+	// fleet, if set, runs the fleet mode instead (see fleet.go): for each
+	// instance count, writers concurrent Sets of valueBytes-byte values
+	// on one instance, with publishValueMax as Options.PublishValueMaxBytes
+	// (0: tiered's default).
+	fleet           []int
+	writers         int
+	valueBytes      int
+	publishValueMax int
 }
 
 // parseFlags parses args. On a bad flag it writes the problem and the
@@ -52,13 +66,39 @@ func parseFlags(args []string, stderr io.Writer, getenv func(string) string) (co
 		"and compare the p99 and max latency of reads of the hot keys across their expiry (try -writes 0: writes keep hot keys fresh)")
 	fs.DurationVar(&c.duration, "duration", 5*time.Second, "how long to run (each run, with -refresh-after)")
 	fs.StringVar(&c.redis, "redis", getenv("REDIS_ADDR"), "address of a real Redis (default $REDIS_ADDR; empty: embedded miniredis)")
+	fs.Func("cluster", "seed addresses of a Redis Cluster, comma-separated (host:port,...); beats -redis", func(v string) error {
+		c.cluster = strings.Split(v, ",")
+		for _, a := range c.cluster {
+			if _, _, err := net.SplitHostPort(a); err != nil {
+				return fmt.Errorf("not host:port: %q", a)
+			}
+		}
+		return nil
+	})
+	fs.Func("fleet", "fleet mode: for each of these instance counts (comma-separated, e.g. 10,50,200), run that many\n"+
+		"instances with one connection each and -writers concurrent Sets on one of them for -duration, and report\n"+
+		"writes/s, invalidations delivered/s and Redis CPU and bytes sent per write", func(v string) error {
+		c.fleet = nil
+		for _, f := range strings.Split(v, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil {
+				return fmt.Errorf("not a number: %q", f)
+			}
+			c.fleet = append(c.fleet, n)
+		}
+		return nil
+	})
+	fs.IntVar(&c.writers, "writers", 8, "fleet mode: concurrent writers on instance 0")
+	fs.IntVar(&c.valueBytes, "value-bytes", 200, "fleet mode: size of each value written, in bytes")
+	fs.IntVar(&c.publishValueMax, "publish-value-max", 0, "fleet mode: Options.PublishValueMaxBytes (0: tiered's default; -1: send no values)")
 	fs.BoolVar(&c.json, "json", false, "write the results as JSON instead of a table")
 	fs.StringVar(&c.svg, "svg", "", "also draw the latency per tier as an SVG chart in this file")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), "usage: tierbench [flags]\n\n"+
 			"Runs a read/write workload on several tiered cache instances sharing one Redis\n"+
 			"and prints throughput, hit ratio and latency per tier, loader savings,\n"+
-			"invalidation latency and stale reads.\n\nflags:\n")
+			"invalidation latency and stale reads.\n"+
+			"With -fleet, measures instead what a fleet of instances costs Redis per write.\n\nflags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -100,6 +140,14 @@ func (c config) validate(rest []string) error {
 		return errors.New("-refresh-after must be 0 (off) or below -remote-ttl")
 	case c.duration <= 0:
 		return errors.New("-duration must be positive")
+	case slices.ContainsFunc(c.fleet, func(n int) bool { return n < 2 }):
+		return errors.New("-fleet counts must be at least 2: invalidations go from one instance to the others")
+	case c.writers < 1:
+		return errors.New("-writers must be at least 1")
+	case c.valueBytes < 0:
+		return errors.New("-value-bytes must not be negative")
+	case c.fleet != nil && (c.refreshAfter > 0 || c.svg != ""):
+		return errors.New("-fleet cannot be combined with -refresh-after or -svg")
 	}
 	return nil
 }

@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -32,6 +34,12 @@ func TestBadFlagsExit2WithMessageAndUsage(t *testing.T) {
 		{[]string{"-refresh-after", "3s"}, "-refresh-after must be 0 (off) or below -remote-ttl"},
 		{[]string{"-refresh-after", "-1s"}, "-refresh-after must be 0 (off) or below -remote-ttl"},
 		{[]string{"extra"}, `unexpected argument "extra"`},
+		{[]string{"-fleet", "10,1"}, "-fleet counts must be at least 2"},
+		{[]string{"-fleet", "10,x"}, `invalid value "10,x" for flag -fleet: not a number`},
+		{[]string{"-fleet", "10", "-writers", "0"}, "-writers must be at least 1"},
+		{[]string{"-fleet", "10", "-value-bytes", "-1"}, "-value-bytes must not be negative"},
+		{[]string{"-fleet", "10", "-svg", "x.svg"}, "-fleet cannot be combined"},
+		{[]string{"-cluster", "127.0.0.1"}, "not host:port"},
 		{[]string{"-keys", "many"}, `invalid value "many" for flag -keys`},
 		{[]string{"-no-such-flag"}, "flag provided but not defined: -no-such-flag"},
 	} {
@@ -75,12 +83,17 @@ func TestFlagDefaults(t *testing.T) {
 	}
 	want := config{instances: 3, goroutines: 32, keys: 10000, zipf: 1.1, reads: 99, batch: 1, writes: 1, rate: 20000,
 		dbLatency: time.Millisecond, localTTL: time.Second, remoteTTL: 3 * time.Second,
-		duration: 5 * time.Second, redis: "10.0.0.1:6379"}
-	if cfg != want {
+		duration: 5 * time.Second, redis: "10.0.0.1:6379", writers: 8, valueBytes: 200}
+	if !reflect.DeepEqual(cfg, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", cfg, want)
 	}
 	cfg, err = parseFlags([]string{"-redis", "", "-zipf", "0", "-json", "-svg", "x.svg"}, &stderr, noEnv)
 	if err != nil || cfg.redis != "" || cfg.zipf != 0 || !cfg.json || cfg.svg != "x.svg" {
+		t.Errorf("got %+v, %v", cfg, err)
+	}
+	cfg, err = parseFlags([]string{"-fleet", "10, 50,200", "-cluster", "127.0.0.1:7000,127.0.0.1:7001", "-publish-value-max", "-1"}, &stderr, noEnv)
+	if err != nil || !slices.Equal(cfg.fleet, []int{10, 50, 200}) || !slices.Equal(cfg.cluster, []string{"127.0.0.1:7000", "127.0.0.1:7001"}) ||
+		cfg.publishValueMax != -1 {
 		t.Errorf("got %+v, %v", cfg, err)
 	}
 }

@@ -13,7 +13,7 @@ import (
 // has its own Redis client (so its own connections and subscription).
 type instances struct {
 	caches  []*tiered.Cache[*item]
-	clients []*redis.Client
+	clients []redis.UniversalClient
 }
 
 // startInstances creates n caches with opts, each on a new client of be.
@@ -21,7 +21,7 @@ type instances struct {
 func startInstances(be *backend, n int, opts tiered.Options) (*instances, error) {
 	in := &instances{}
 	for range n {
-		rdb := be.client()
+		rdb := be.client(0)
 		in.clients = append(in.clients, rdb)
 		opts.Redis = rdb
 		c, err := tiered.New[*item](opts)

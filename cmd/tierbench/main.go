@@ -11,6 +11,15 @@
 //	go run ./cmd/tierbench
 //	go run ./cmd/tierbench -redis 127.0.0.1:6379 -duration 10s -svg latency.svg
 //
+// With -fleet it measures instead what invalidations cost Redis as a fleet
+// grows: for each instance count, that many instances (one connection and
+// one subscription each) and -writers concurrent Sets on one of them; it
+// reports writes/s, invalidations delivered/s, and the Redis CPU and bytes
+// sent per write (from the servers' INFO; on a Cluster, -cluster, summed
+// over its masters):
+//
+//	go run ./cmd/tierbench -redis 127.0.0.1:6379 -fleet 10,50,200 -duration 5s
+//
 // Progress goes to stderr once a second; the results table (or, with
 // -json, the same results as JSON) to stdout. A chart written with -svg is
 // named on stderr ("tierbench: wrote latency chart to /abs/path.svg") once
@@ -52,6 +61,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	if err != nil {
 		return 2
 	}
+	if cfg.fleet != nil {
+		return runFleetMode(ctx, cfg, stdout, stderr)
+	}
 	res, err := runCompared(ctx, cfg, stderr)
 	if err != nil && ctx.Err() != nil {
 		fmt.Fprintln(stderr, "tierbench: interrupted before the workload started")
@@ -68,6 +80,32 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	}
 	if err == nil && cfg.svg != "" {
 		err = writeChart(cfg.svg, res, stderr)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "tierbench: %v\n", err)
+		return 1
+	}
+	if res.Interrupted {
+		return 130
+	}
+	return 0
+}
+
+// runFleetMode is run for -fleet.
+func runFleetMode(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
+	res, err := runFleet(ctx, cfg, stderr)
+	if err != nil && ctx.Err() != nil {
+		fmt.Fprintln(stderr, "tierbench: interrupted before the workload started")
+		return 130
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "tierbench: %v\n", err)
+		return 1
+	}
+	if cfg.json {
+		err = writeFleetJSON(stdout, res)
+	} else {
+		err = writeFleetTable(stdout, res)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "tierbench: %v\n", err)

@@ -282,3 +282,74 @@ func TestRefreshAfterComparesHotKeyReads(t *testing.T) {
 		t.Errorf("JSON: %+v; want both runs, and refreshes in the second", r)
 	}
 }
+
+// The fleet mode runs each fleet size in turn and reports, per size, the
+// writes done and the invalidations they delivered to the other instances.
+// On the embedded miniredis it says that Redis CPU is not measured.
+func TestFleetReportsEverySize(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	args := []string{"-fleet", "2,4", "-duration", "300ms", "-writers", "2", "-value-bytes", "50", "-json"}
+	if code := run(context.Background(), args, &stdout, &stderr, noEnv); code != 0 {
+		t.Fatalf("exit %d\nstderr:\n%s", code, stderr.String())
+	}
+	var r fleetResults
+	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
+		t.Fatalf("stdout is not JSON: %v\n%s", err, stdout.String())
+	}
+	if len(r.Sizes) != 2 || r.Sizes[0].Instances != 2 || r.Sizes[1].Instances != 4 {
+		t.Fatalf("sizes %+v, want 2 then 4 instances", r.Sizes)
+	}
+	for _, s := range r.Sizes {
+		if s.Writes == 0 || s.WritesPerSec <= 0 || s.Errors != 0 {
+			t.Errorf("%d instances: %d writes (%.0f/s), %d errors; want writes and no errors", s.Instances, s.Writes, s.WritesPerSec, s.Errors)
+		}
+		if s.Published < s.Writes {
+			t.Errorf("%d instances: %d messages published for %d writes", s.Instances, s.Published, s.Writes)
+		}
+		// Every message reaches every other instance (none is lost on a
+		// healthy miniredis), and each names at least one key.
+		if want := s.Published * uint64(s.Instances-1); s.MessagesDelivered != want || s.KeysInvalidated < want {
+			t.Errorf("%d instances: %d messages delivered naming %d keys, want %d", s.Instances, s.MessagesDelivered, s.KeysInvalidated, want)
+		}
+		if s.CPUMeasured {
+			t.Errorf("%d instances: Redis CPU measured on miniredis", s.Instances)
+		}
+	}
+	r.cfg = config{writers: 2, valueBytes: 50, duration: 300 * time.Millisecond}
+	var table bytes.Buffer
+	if err := writeFleetTable(&table, &r); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"instances", "writes/s", "delivered/s", "Redis CPU/write", "bytes out/write",
+		"Redis CPU is not measured on the embedded miniredis"} {
+		if !strings.Contains(table.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, table.String())
+		}
+	}
+}
+
+// With REDIS_ADDR set, the fleet mode measures the server's CPU and bytes
+// sent per write.
+func TestFleetRealRedisMeasuresCPU(t *testing.T) {
+	addr := os.Getenv("REDIS_ADDR")
+	if addr == "" {
+		t.Skip("REDIS_ADDR is not set")
+	}
+	var stdout, stderr bytes.Buffer
+	args := []string{"-redis", addr, "-fleet", "3", "-duration", "500ms", "-writers", "2", "-json"}
+	if code := run(context.Background(), args, &stdout, &stderr, noEnv); code != 0 {
+		t.Fatalf("exit %d\nstderr:\n%s", code, stderr.String())
+	}
+	var r fleetResults
+	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Sizes) != 1 {
+		t.Fatalf("sizes %+v", r.Sizes)
+	}
+	// The server's CPU clock ticks in ms-ish steps: a few thousand writes
+	// cost some of it, and each write sends at least its reply.
+	if s := r.Sizes[0]; !s.CPUMeasured || s.Writes == 0 || s.CPUusPerWrite <= 0 || s.BytesOutPerWrite <= 0 {
+		t.Errorf("%+v: want writes, and Redis CPU and bytes out per write measured", s)
+	}
+}

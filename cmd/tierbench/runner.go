@@ -27,7 +27,7 @@ const staleBound = 4*heartbeat + 100*time.Millisecond
 // runBench sets up the instances, runs the workload until cfg.duration
 // has passed or ctx is done, and returns what it measured.
 func runBench(ctx context.Context, cfg config, progressOut io.Writer) (*results, error) {
-	be, err := startBackend(ctx, cfg.redis)
+	be, err := startBackend(ctx, cfg.redis, cfg.cluster)
 	if err != nil {
 		return nil, err
 	}
