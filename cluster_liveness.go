@@ -137,6 +137,14 @@ func (s *subscriber) reloadMasters(cc *redis.ClusterClient, last string) string 
 		return last // or stopped meanwhile: nothing is left to do
 	}
 	s.trackMasters(masters)
+	if masters[s.subscribedOn()] == nil {
+		// Its node is no longer a master (or was never chosen): move the
+		// subscription to the master of its private channel's slot, to keep
+		// the fleet's subscriptions spread (see subscriber.subscribe). The
+		// new subscription's confirmation is a gap, healed by its first
+		// ping.
+		s.rebuild()
+	}
 	cur := strings.Join(slices.Sorted(maps.Keys(masters)), " ")
 	if last != "" && cur != last {
 		s.log.Info("tiered: Redis Cluster masters changed; L1 flushed", "before", last, "now", cur)

@@ -214,6 +214,7 @@ func TestCluster(t *testing.T) {
 	tc := startTestCluster(t)
 	t.Run("ReadsWritesDeletes", func(t *testing.T) { testClusterReadsWritesDeletes(t, tc) })
 	t.Run("Invalidation", func(t *testing.T) { testClusterInvalidation(t, tc) })
+	t.Run("SubscriptionSpread", func(t *testing.T) { testClusterSubscriptionSpread(t, tc) })
 	t.Run("WaitReplicas", func(t *testing.T) { testClusterWaitReplicas(t, tc) })
 	t.Run("Batch", func(t *testing.T) { testClusterBatch(t, tc) })
 	t.Run("StalledBusLink", func(t *testing.T) { testClusterStalledBus(t, tc) })

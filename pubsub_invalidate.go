@@ -75,8 +75,9 @@ type subscriber struct {
 	hbMisses atomic.Uint64
 	flushes  atomic.Uint64
 
-	mu       sync.Mutex // guards ps, channels, refs
+	mu       sync.Mutex // guards ps, psAddr, channels, refs
 	ps       *redis.PubSub
+	psAddr   string // on a cluster: the node ps is on, "" if the ClusterClient picked it
 	channels map[string]*channelMembers
 	refs     int
 
@@ -166,7 +167,9 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 	close(s.broken)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	// Subscribe dials now; if Redis is down the loop keeps redialing.
-	s.ps = client.Subscribe(s.ctx, s.hbChannel)
+	s.mu.Lock()
+	s.ps = s.subscribe(s.hbChannel)
+	s.mu.Unlock()
 	s.wg.Add(2)
 	go s.receive()
 	go s.heartbeat()
@@ -350,25 +353,74 @@ func (s *subscriber) receive() {
 // never waits for a reply).
 func (s *subscriber) rebuild() {
 	s.mu.Lock()
+	if s.ctx.Err() != nil {
+		// Stopped (reloadMasters, which stop does not wait for, may get
+		// here after stop): stop closes s.ps once it holds s.mu.
+		s.mu.Unlock()
+		return
+	}
 	old := s.ps
 	chans := []string{s.hbChannel}
 	for ch := range s.channels {
 		chans = append(chans, ch)
 	}
-	s.ps = s.client.Subscribe(s.ctx, chans...)
+	s.ps = s.subscribe(chans...)
 	s.pingSent.Store(0)
 	s.lastPong.Store(time.Now().UnixNano())
 	s.stateMu.Lock()
 	s.gapAt = time.Now()
 	s.stateMu.Unlock()
+	// Added under s.mu, which stop takes after cancelling s.ctx and before
+	// it waits: never after its Wait began.
+	s.wg.Add(1)
 	s.mu.Unlock()
 	// Close takes the old PubSub's lock, which a ping stuck in a write
 	// on the stalled connection may hold until its WriteTimeout.
-	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		_ = old.Close()
 	}()
+}
+
+// subscribe opens a subscription to chans, the private channel first. s.mu
+// must be held.
+//
+// On a Redis Cluster every node delivers every PUBLISH (it is forwarded
+// over the cluster bus), so a subscription may be on any node, and the
+// fleet's subscriptions should spread evenly over the masters: each costs
+// its node a copy of every message. A ClusterClient's PubSub does not keep
+// them spread: it connects to the master of its first channel's slot, and
+// when it reconnects by itself it lists its channels from a map, so that
+// the namespace's channel, which every instance shares, comes first half of
+// the time: after a few reconnects most of a fleet is on one master. So
+// the subscription is opened on the master of the private channel's slot
+// (a random slot per subscriber) through that master's own client, which
+// always reconnects to the same node. reloadMasters moves it when that node
+// stops being a master. If the slot map cannot be had now, the
+// ClusterClient picks the node (its first channel is the private one), and
+// the next reloadMasters moves it.
+func (s *subscriber) subscribe(chans ...string) *redis.PubSub {
+	s.psAddr = ""
+	cc, ok := s.client.(*redis.ClusterClient)
+	if !ok {
+		return s.client.Subscribe(s.ctx, chans...)
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, s.interval)
+	node, err := cc.MasterForKey(ctx, s.hbChannel)
+	cancel()
+	if err != nil {
+		return cc.Subscribe(s.ctx, chans...)
+	}
+	s.psAddr = node.Options().Addr
+	return node.Subscribe(s.ctx, chans...)
+}
+
+// subscribedOn returns the node the subscription is on ("" if the
+// ClusterClient picked it).
+func (s *subscriber) subscribedOn() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.psAddr
 }
 
 func (s *subscriber) handle(msg any) {
