@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -19,7 +20,7 @@ import (
 func testClusterSubscriptionSpread(t *testing.T, tc *testCluster) {
 	const n, rounds = 30, 5
 	ctx := context.Background()
-	caches := clusterInstances(t, tc, n, Options{HeartbeatInterval: 100 * time.Millisecond})
+	caches := clusterInstances(t, tc, n, Options{})
 	for i, c := range caches {
 		if err := c.WaitReady(ctx); err != nil {
 			t.Fatalf("instance %d: %v", i, err)
@@ -53,19 +54,28 @@ func testClusterSubscriptionSpread(t *testing.T, tc *testCluster) {
 	}
 	first := placement("at start")
 	for round := 1; round <= rounds; round++ {
-		gaps := make([]uint64, n)
-		for i, c := range caches {
-			gaps[i] = c.Stats().SubscriptionGaps
-		}
+		// Every pubsub connection on the masters is killed: each instance
+		// has resubscribed once every pubsub client there is a new one (a
+		// higher client id), n of them in all.
+		killed := make(map[string]int64)
 		for _, m := range masters {
+			killed[m] = maxPubSubClientID(t, tc, m)
 			if err := tc.node(t, m).Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err(); err != nil {
 				t.Fatal(err)
 			}
 		}
+		waitUntil(t, 30*time.Second, fmt.Sprintf("round %d: all %d subscriptions back, on new connections", round, n), func() bool {
+			total := 0
+			for _, m := range masters {
+				ids := pubSubClientIDs(t, tc, m)
+				if len(ids) > 0 && slices.Min(ids) <= killed[m] {
+					return false
+				}
+				total += len(ids)
+			}
+			return total == n
+		})
 		for i, c := range caches {
-			waitUntil(t, 10*time.Second, fmt.Sprintf("instance %d to notice the kill", i), func() bool {
-				return c.Stats().SubscriptionGaps > gaps[i]
-			})
 			if err := c.WaitReady(ctx); err != nil {
 				t.Fatalf("round %d, instance %d: %v", round, i, err)
 			}
@@ -81,4 +91,33 @@ func testClusterSubscriptionSpread(t *testing.T, tc *testCluster) {
 			t.Errorf("after kill round %d: %d of %d subscriptions moved to another master", round, moved, n)
 		}
 	}
+}
+
+// pubSubClientIDs returns the ids of the node's clients in pub/sub mode.
+func pubSubClientIDs(t *testing.T, tc *testCluster, addr string) []int64 {
+	t.Helper()
+	list, err := tc.node(t, addr).Do(context.Background(), "CLIENT", "LIST", "TYPE", "pubsub").Text()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []int64
+	for line := range strings.Lines(list) {
+		f, _, _ := strings.Cut(line, " ")
+		if id, ok := strings.CutPrefix(f, "id="); ok {
+			n, err := strconv.ParseInt(id, 10, 64)
+			if err != nil {
+				t.Fatalf("CLIENT LIST: %q", line)
+			}
+			ids = append(ids, n)
+		}
+	}
+	return ids
+}
+
+func maxPubSubClientID(t *testing.T, tc *testCluster, addr string) int64 {
+	ids := pubSubClientIDs(t, tc, addr)
+	if len(ids) == 0 {
+		return 0
+	}
+	return slices.Max(ids)
 }
