@@ -104,21 +104,16 @@ func (b *backend) close(ns string) error {
 	return b.nodes(ctx, func(ctx context.Context, rdb *redis.Client) error { return unlinkAll(ctx, rdb, ns) })
 }
 
-// unlinkAll deletes the keys of namespace ns from the node of rdb.
+// unlinkAll deletes the keys of namespace ns from the node of rdb, one
+// UNLINK per key (pipelined): on a Cluster node, one UNLINK of several keys
+// must name keys of one slot.
 func unlinkAll(ctx context.Context, rdb *redis.Client, ns string) error {
 	iter := rdb.Scan(ctx, 0, ns+":*", 1000).Iterator()
-	var batch []string
-	flush := func() error {
-		if len(batch) == 0 {
-			return nil
-		}
-		err := rdb.Unlink(ctx, batch...).Err()
-		batch = batch[:0]
-		return err
-	}
+	pipe := rdb.Pipeline()
 	for iter.Next(ctx) {
-		if batch = append(batch, iter.Val()); len(batch) == 1000 {
-			if err := flush(); err != nil {
+		pipe.Unlink(ctx, iter.Val())
+		if pipe.Len() == 1000 {
+			if _, err := pipe.Exec(ctx); err != nil {
 				return err
 			}
 		}
@@ -126,5 +121,6 @@ func unlinkAll(ctx context.Context, rdb *redis.Client, ns string) error {
 	if err := iter.Err(); err != nil {
 		return err
 	}
-	return flush()
+	_, err := pipe.Exec(ctx)
+	return err
 }

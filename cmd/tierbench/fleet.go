@@ -231,6 +231,7 @@ func runFleetOf(ctx context.Context, be *backend, ns string, n int, cfg config, 
 		r.CPUPct = 100 * cpu / secs
 		if r.Writes > 0 {
 			r.CPUusPerWrite = cpu * 1e6 / float64(r.Writes)
+			r.NetCPUusPerWrite = max(cpu-idleRate*secs, 0) * 1e6 / float64(r.Writes)
 			r.BytesOutPerWrite = float64(busy.netOut-idle1.netOut) / float64(r.Writes)
 		}
 	}

@@ -50,8 +50,11 @@ type fleetResult struct {
 
 	// The servers' INFO (summed over a Cluster's masters); not on the
 	// embedded miniredis.
-	CPUMeasured      bool    `json:"redis_cpu_measured"`
-	CPUusPerWrite    float64 `json:"redis_cpu_us_per_write"`
+	CPUMeasured   bool    `json:"redis_cpu_measured"`
+	CPUusPerWrite float64 `json:"redis_cpu_us_per_write"`
+	// NetCPUusPerWrite is CPUusPerWrite less the idle CPU's share: what
+	// the writes themselves cost.
+	NetCPUusPerWrite float64 `json:"redis_cpu_us_per_write_net_of_idle"`
 	CPUPct           float64 `json:"redis_cpu_pct"`      // of one core, during the writes
 	IdleCPUPct       float64 `json:"redis_idle_cpu_pct"` // before them: heartbeats
 	BytesOutPerWrite float64 `json:"redis_bytes_out_per_write"`
@@ -77,26 +80,28 @@ func writeFleetTable(out io.Writer, r *fleetResults) error {
 	}
 	b.WriteString("\n")
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "instances\twrites/s\tSet p50\tSet p99\tmessages\tdelivered/s\tRedis CPU/write\tRedis CPU\tidle CPU\tbytes out/write\terrors\t")
+	fmt.Fprintln(tw, "instances\twrites/s\tSet p50\tSet p99\tmessages\tdelivered/s\tRedis CPU/write\tnet of idle\tRedis CPU\tidle CPU\tbytes out/write\terrors\t")
 	measured := true
 	for _, s := range r.Sizes {
-		cpu, pct, idle, bytes := "-", "-", "-", "-"
+		cpu, net, pct, idle, bytes := "-", "-", "-", "-", "-"
 		if s.CPUMeasured {
-			cpu, pct, idle = fmtUs(s.CPUusPerWrite), fmt.Sprintf("%.0f%%", s.CPUPct), fmt.Sprintf("%.0f%%", s.IdleCPUPct)
+			cpu, net = fmtUs(s.CPUusPerWrite), fmtUs(s.NetCPUusPerWrite)
+			pct, idle = fmt.Sprintf("%.0f%%", s.CPUPct), fmt.Sprintf("%.0f%%", s.IdleCPUPct)
 			bytes = commas(uint64(s.BytesOutPerWrite))
 		} else {
 			measured = false
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", s.Instances, commas(uint64(s.WritesPerSec)),
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", s.Instances, commas(uint64(s.WritesPerSec)),
 			fmtUs(s.SetP50us), fmtUs(s.SetP99us), commas(s.Published), commas(uint64(s.KeysPerSec)),
-			cpu, pct, idle, bytes, commas(s.Errors))
+			cpu, net, pct, idle, bytes, commas(s.Errors))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	b.WriteString("\nmessages: invalidation messages the writer published; delivered/s: keys invalidated per second on the\n" +
 		"other instances; Redis CPU: INFO cpu (user+sys) during the writes, per write and as a share of one core;\n" +
-		"idle CPU: the same before the writes (heartbeats); bytes out: INFO stats total_net_output_bytes.\n")
+		"net of idle: less the idle CPU over the same time; idle CPU: the same before the writes (heartbeats, and on a\n" +
+		"Cluster slot-map reloads); bytes out: INFO stats total_net_output_bytes.\n")
 	if !measured {
 		b.WriteString("Redis CPU is not measured on the embedded miniredis: name a real Redis with -redis or REDIS_ADDR, or a Cluster with -cluster.\n")
 	}
