@@ -88,7 +88,9 @@ return v`)
 // write's version is next_version's, or above the last version this batch
 // gave one of its keys: a Set after a Delete of its key in one batch finds
 // no value to be newer than, and must still be newer. It returns the
-// versions, one per write.
+// versions, one per write. No write in it may fail (a PX is positive): Redis
+// keeps what a script wrote before an error, and the message would be
+// lost with the error, leaving the writes before it unpublished.
 var batchScript = redis.NewScript(versionLua + `
 local n = tonumber(ARGV[3])
 local msg = {ARGV[2]}

@@ -296,17 +296,19 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	if len(b) <= c.opts.PublishValueMaxBytes {
 		kind = msgValue
 	}
+	// Saturated: an overflow would be a PX Redis rejects, and a batch
+	// script cannot fail after its first write (see batchScript).
+	px := time.Duration(addSat(int64(ttl), int64(c.opts.StaleIfError))).Milliseconds()
 	t := c.local.begin(key)
 	call := newCall()
-	c.remote.addWrite(call, []string{key}, encodeEnvelope(kindValue, expires, b), (ttl + c.opts.StaleIfError).Milliseconds(),
-		kind, func(version uint64, err error) {
-			if err != nil {
-				c.local.invalidate(key)
-				c.remoteFailed(err)
-				return
-			}
-			c.wrote(key, t, stored, false, len(b), localTTL, expires, version)
-		})
+	c.remote.addWrite(call, []string{key}, encodeEnvelope(kindValue, expires, b), px, kind, func(version uint64, err error) {
+		if err != nil {
+			c.local.invalidate(key)
+			c.remoteFailed(err)
+			return
+		}
+		c.wrote(key, t, stored, false, len(b), localTTL, expires, version)
+	})
 	if err := c.remote.submit(ctx, call); err != nil {
 		c.local.invalidate(key) // also if ctx ended while the write was on the wire
 		return err
