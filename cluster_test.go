@@ -217,6 +217,7 @@ func TestCluster(t *testing.T) {
 	t.Run("SubscriptionSpread", func(t *testing.T) { testClusterSubscriptionSpread(t, tc) })
 	t.Run("WaitReplicas", func(t *testing.T) { testClusterWaitReplicas(t, tc) })
 	t.Run("Batch", func(t *testing.T) { testClusterBatch(t, tc) })
+	t.Run("Coalescing", func(t *testing.T) { testClusterCoalescing(t, tc) })
 	t.Run("StalledBusLink", func(t *testing.T) { testClusterStalledBus(t, tc) })
 	t.Run("Migration", func(t *testing.T) { testClusterMigration(t, tc) })
 	t.Run("HungMaster", func(t *testing.T) { testClusterHungMaster(t, tc) })
@@ -1388,7 +1389,8 @@ func testClusterMigration(t *testing.T, tc *testCluster) {
 		_ = srcNode.Do(ctx, "migrate", host, port, "", 0, 5000, "keys", plain.remote.key("{t}b")).Err()
 		for m := range tc.masters(t, src) {
 			if err := tc.node(t, m).Do(ctx, "cluster", "setslot", slot, "node", dstID).Err(); err != nil {
-				t.Errorf("CLUSTER SETSLOT %d NODE on %s: %v", slot, m, err)
+				ks, _ := tc.node(t, m).Do(ctx, "cluster", "getkeysinslot", slot, 10).Result()
+				t.Errorf("CLUSTER SETSLOT %d NODE on %s: %v (keys %v)", slot, m, err, ks)
 			}
 		}
 	}
@@ -1643,4 +1645,72 @@ func testClusterHungMaster(t *testing.T, tc *testCluster) {
 		}
 	}
 	waitUntil(t, 30*time.Second, "the cluster to be healthy again", func() bool { return tc.healthy(tc.addrs) })
+}
+
+// testClusterCoalescing runs concurrent Sets and Deletes of keys in a few
+// slots (hash tags) and in many: batches are per slot (a script touching
+// two slots fails with CROSSSLOT), they form, and the other instance ends
+// with what Redis holds for every key.
+func testClusterCoalescing(t *testing.T, tc *testCluster) {
+	ctx := context.Background()
+	ns := uniqueNamespace(t)
+	a := newTestCache[string](t, tc.client(t), Options{Namespace: ns})
+	b := newTestCache[string](t, tc.client(t), Options{Namespace: ns})
+	check := tc.client(t)
+	var keys []string
+	for i := range 8 {
+		keys = append(keys, fmt.Sprintf("{hot%d}k", i%2), fmt.Sprintf("{hot%d}j%d", i%2, i), "spread-"+strconv.Itoa(i))
+	}
+	for _, k := range keys {
+		if err := a.Set(ctx, k, "old"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := b.Get(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var wg sync.WaitGroup
+	for w := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 30 {
+				k := keys[(w*5+i)%len(keys)]
+				var err error
+				if i%6 == 5 {
+					err = a.Delete(ctx, k, keys[(w+i)%len(keys)])
+				} else {
+					err = a.Set(ctx, k, fmt.Sprintf("w%d-%d", w, i))
+				}
+				if err != nil {
+					t.Errorf("write %s: %v", k, err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	s := a.Stats()
+	if s.WriteBatches == 0 {
+		t.Errorf("no batch formed from 16 concurrent writers: %+v", s)
+	}
+	t.Logf("cluster: 480 writes, %d messages, %d batches holding %d writes", s.InvalidationsPublished, s.WriteBatches, s.WritesCoalesced)
+	waitUntil(t, 10*time.Second, "b to apply every message of a", func() bool {
+		return b.Stats().InvalidationsReceived >= a.Stats().InvalidationsPublished
+	})
+	for _, k := range keys {
+		want := "(none)"
+		if raw, err := check.Get(ctx, a.remote.key(k)).Bytes(); err == nil {
+			p, _ := envelopePayload(raw)
+			want, _ = a.codec.decode(p)
+		}
+		for name, c := range map[string]*Cache[string]{"writer": a, "other": b} {
+			got := "(none)"
+			if v, err := c.Get(ctx, k); err == nil {
+				got = v
+			}
+			if got != want {
+				t.Errorf("%s: Get(%s) = %q; Redis holds %q", name, k, got, want)
+			}
+		}
+	}
 }

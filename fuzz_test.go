@@ -11,6 +11,7 @@ import (
 //
 //	go test -run '^$' -fuzz FuzzDecodeEnvelope -fuzztime 60s .
 //	go test -run '^$' -fuzz FuzzDecodeInvalidation -fuzztime 60s .
+//	go test -run '^$' -fuzz FuzzDecodeMessage -fuzztime 60s .
 
 // decodeEnvelope reads what Redis holds under our keys, which anyone with
 // access to Redis can write: it must never panic, and what it accepts must
@@ -97,6 +98,49 @@ func FuzzDecodeInvalidation(f *testing.F) {
 		re = append(re, encodeKeys(m.keys...)...)
 		re = append(re, m.envelope...)
 		if string(re) != p {
+			t.Fatalf("re-encoding does not round-trip:\n in  %x\n out %x", p, re)
+		}
+	})
+}
+
+// decodeMessage reads every message, batches (msgBatch) included: it must
+// never panic, and what it accepts must be exactly what the scripts
+// publish (for a batch, batchScript's entries in order).
+func FuzzDecodeMessage(f *testing.F) {
+	env := string(encodeEnvelope(kindValue, 3_000_000, []byte("v")))
+	f.Add(msgBatchOf(1, invalidation{kind: msgKeys, version: 2, keys: []string{"a", "bc"}},
+		invalidation{kind: msgValue, version: 3, keys: []string{"a"}, envelope: env}))
+	f.Add(msgBatchOf(1, invalidation{kind: msgKeys, version: 2, keys: []string{""}}))
+	f.Add(string(append(binary.BigEndian.AppendUint64(messageHead(msgKeys, 1), 2), encodeKeys("a")...)))
+	f.Fuzz(func(t *testing.T, p string) {
+		ms, err := decodeMessage(p)
+		if err != nil {
+			return
+		}
+		if len(ms) == 0 {
+			t.Fatal("accepted a message of no invalidation")
+		}
+		if p[0] != msgBatch {
+			if len(ms) != 1 {
+				t.Fatalf("a single message decoded as %d", len(ms))
+			}
+			return // FuzzDecodeInvalidation checks it
+		}
+		for _, m := range ms {
+			switch {
+			case len(m.keys) == 0:
+				t.Fatal("accepted an entry naming no key")
+			case m.kind == msgValue && (len(m.keys) != 1 || m.envelope == ""):
+				t.Fatalf("value entry with %d keys and an envelope of %d bytes", len(m.keys), len(m.envelope))
+			case m.kind == msgKeys && m.envelope != "":
+				t.Fatal("keys entry with an envelope")
+			case m.kind != msgKeys && m.kind != msgValue:
+				t.Fatalf("accepted entry kind %#x", m.kind)
+			case m.origin != ms[0].origin:
+				t.Fatal("entries of one message with different origins")
+			}
+		}
+		if re := msgBatchOf(ms[0].origin, ms...); re != p {
 			t.Fatalf("re-encoding does not round-trip:\n in  %x\n out %x", p, re)
 		}
 	})

@@ -544,10 +544,19 @@ func (s *subscriber) heartbeat() {
 // one key so written and then, to the end, the key's new envelope as stored
 // in Redis. The client sends the script the head (kind and id) and the keys;
 // the script joins them around the version.
+//
+// A msgBatch message names the writes of one batch (see writes.go), each
+// with its own version, in the order Redis ran them: after the kind and the
+// id come entries, each an entry kind (msgKeys or msgValue), the version,
+// and, for msgKeys, the number of keys as a uvarint and the keys, or, for
+// msgValue, the key and the envelope's length as a uvarint and the
+// envelope. Single writes keep the single formats, which instances of the
+// versions before batches read.
 const (
 	msgKeys     = 'k'
 	msgValue    = 'v'
 	msgNotFound = 'n' // msgKeys of a load that found nothing: waiters for its lease need not load
+	msgBatch    = 'b'
 
 	msgHeader = 17 // kind, origin, version
 )
@@ -571,16 +580,84 @@ func encodeKeys(keys ...string) []byte {
 	return b
 }
 
+// batchEntryTail returns what follows the version in a msgBatch entry of
+// keys, but for a msgValue entry's envelope, which the script appends.
+func batchEntryTail(kind byte, keys []string, envelopeLen int) []byte {
+	if kind == msgValue {
+		return binary.AppendUvarint(encodeKeys(keys[0]), uint64(envelopeLen))
+	}
+	return append(binary.AppendUvarint(nil, uint64(len(keys))), encodeKeys(keys...)...)
+}
+
 var errBadInvalidation = errors.New("tiered: malformed invalidation message")
 
-// invalidation is a decoded invalidation message. Its strings alias the
-// message.
+// invalidation is a decoded invalidation: a message, or one entry of a
+// msgBatch message. Its strings alias the message.
 type invalidation struct {
 	kind     byte
 	origin   uint64
 	version  uint64
 	keys     []string
 	envelope string // msgValue: the new envelope of keys[0]
+}
+
+// decodeMessage decodes any message of ours into its invalidations, in
+// the order Redis ran their writes.
+func decodeMessage(p string) ([]invalidation, error) {
+	if len(p) == 0 || p[0] != msgBatch {
+		m, err := decodeInvalidation(p)
+		return []invalidation{m}, err
+	}
+	if len(p) < 9 {
+		return nil, errBadInvalidation
+	}
+	origin := binary.BigEndian.Uint64([]byte(p[1:9]))
+	var out []invalidation
+	for rest := p[9:]; len(rest) > 0; {
+		if len(rest) < 9 || rest[0] != msgKeys && rest[0] != msgValue {
+			return nil, errBadInvalidation
+		}
+		m := invalidation{kind: rest[0], origin: origin, version: binary.BigEndian.Uint64([]byte(rest[1:9]))}
+		rest = rest[9:]
+		n := uint64(1)
+		if m.kind == msgKeys {
+			var ok bool
+			if n, rest, ok = uvarint(rest); !ok || n == 0 || n > uint64(len(rest)) {
+				return nil, errBadInvalidation
+			}
+		}
+		for range n {
+			l, r, ok := uvarint(rest)
+			if !ok || l > uint64(len(r)) {
+				return nil, errBadInvalidation
+			}
+			m.keys = append(m.keys, r[:l])
+			rest = r[l:]
+		}
+		if m.kind == msgValue {
+			l, r, ok := uvarint(rest)
+			if !ok || l == 0 || l > uint64(len(r)) {
+				return nil, errBadInvalidation
+			}
+			m.envelope, rest = r[:l], r[l:]
+		}
+		out = append(out, m)
+	}
+	if len(out) == 0 {
+		return nil, errBadInvalidation
+	}
+	return out, nil
+}
+
+// uvarint reads a uvarint as binary.AppendUvarint writes it (a length in an
+// overlong varint is not: a message from someone else) from the start of s.
+func uvarint(s string) (n uint64, rest string, ok bool) {
+	n, w := binary.Uvarint([]byte(s[:min(len(s), binary.MaxVarintLen64)]))
+	var minimal [binary.MaxVarintLen64]byte
+	if w <= 0 || binary.PutUvarint(minimal[:], n) != w {
+		return 0, s, false
+	}
+	return n, s[w:], true
 }
 
 func decodeInvalidation(p string) (m invalidation, err error) {
@@ -591,15 +668,12 @@ func decodeInvalidation(p string) (m invalidation, err error) {
 	m.origin = binary.BigEndian.Uint64([]byte(p[1:9]))
 	m.version = binary.BigEndian.Uint64([]byte(p[9:17]))
 	for rest := p[msgHeader:]; len(rest) > 0; {
-		n, w := binary.Uvarint([]byte(rest[:min(len(rest), binary.MaxVarintLen64)]))
-		var minimal [binary.MaxVarintLen64]byte
-		if w <= 0 || n > uint64(len(rest)-w) || binary.PutUvarint(minimal[:], n) != w {
-			// Not what encodeKeys writes (a length in an overlong varint
-			// is one too): a message from someone else.
+		n, r, ok := uvarint(rest)
+		if !ok || n > uint64(len(r)) {
 			return m, errBadInvalidation
 		}
-		m.keys = append(m.keys, rest[w:w+int(n)])
-		rest = rest[w+int(n):]
+		m.keys = append(m.keys, r[:n])
+		rest = r[n:]
 		if p[0] == msgValue {
 			m.envelope = rest
 			break

@@ -18,7 +18,9 @@ import (
 // holds now, that version plus one. So the versions of one key's values only
 // grow in the order Redis ran their writes, also within a microsecond and
 // across a Delete (which takes a version too). be64 renders a version as 8
-// big-endian bytes. Lua numbers are doubles, exact to 2^53; versions stay
+// big-endian bytes. publish(channel, msg) is the one way a script publishes
+// an invalidation: whatever must accompany every message is added there.
+// Lua numbers are doubles, exact to 2^53; versions stay
 // far below (2^52 microseconds is the year 2112), and a foreign value that
 // looks like a larger version is ignored so that versions keep growing.
 const versionLua = `
@@ -46,6 +48,7 @@ local function be64(v)
   return table.concat(b)
 end
 local function stamp(env, v) return string.sub(env, 1, 2) .. v .. string.sub(env, 11) end
+local function publish(channel, msg) redis.call('PUBLISH', channel, msg) end
 `
 
 // writeScript stores a value and publishes its invalidation in one round
@@ -60,7 +63,7 @@ local env = stamp(ARGV[1], v)
 redis.call('SET', KEYS[1], env, 'PX', ARGV[2])
 local msg = ARGV[4] .. v .. ARGV[5]
 if ARGV[6] == '1' then msg = msg .. env end
-redis.call('PUBLISH', ARGV[3], msg)
+publish(ARGV[3], msg)
 return v`)
 
 // deleteScript deletes keys (all in one slot on a cluster) and publishes one
@@ -71,8 +74,58 @@ local v = 0
 for _, k in ipairs(KEYS) do v = math.max(v, next_version(k)) end
 redis.call('DEL', unpack(KEYS))
 v = be64(v)
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. v .. ARGV[3])
+publish(ARGV[1], ARGV[2] .. v .. ARGV[3])
 return v`)
+
+// batchScript runs the writes of a batch (see writes.go) in order and
+// publishes one msgBatch message naming them all, each under its own
+// version. ARGV[1] is the channel, ARGV[2] the message's head (kind and
+// id), ARGV[3] the number of writes; then five ARGV per write: its op ("s":
+// a Set, "v": a Set whose envelope the message carries, "d": a Delete), its
+// number of keys (taken from KEYS in order; a Set has one), the envelope
+// and PX of a Set, and the entry's tail (see batchEntryTail). The keys are
+// counted, never taken as #KEYS: KEYS and ARGV may hold more after them. A
+// write's version is next_version's, or above the last version this batch
+// gave one of its keys: a Set after a Delete of its key in one batch finds
+// no value to be newer than, and must still be newer. It returns the
+// versions, one per write. No write in it may fail (a PX is positive): Redis
+// keeps what a script wrote before an error, and the message would be
+// lost with the error, leaving the writes before it unpublished.
+var batchScript = redis.NewScript(versionLua + `
+local n = tonumber(ARGV[3])
+local msg = {ARGV[2]}
+local versions = {}
+local last = {}
+local ki = 1
+for i = 0, n - 1 do
+  local a = 4 + i * 5
+  local op, nk = ARGV[a], tonumber(ARGV[a + 1])
+  local v = 0
+  for j = ki, ki + nk - 1 do
+    local kv = next_version(KEYS[j])
+    local l = last[KEYS[j]]
+    if l and l >= kv then kv = l + 1 end
+    v = math.max(v, kv)
+  end
+  for j = ki, ki + nk - 1 do last[KEYS[j]] = v end
+  local bv = be64(v)
+  if op == 'd' then
+    redis.call('DEL', unpack(KEYS, ki, ki + nk - 1))
+    msg[#msg + 1] = 'k' .. bv .. ARGV[a + 4]
+  else
+    local env = stamp(ARGV[a + 2], bv)
+    redis.call('SET', KEYS[ki], env, 'PX', ARGV[a + 3])
+    if op == 'v' then
+      msg[#msg + 1] = 'v' .. bv .. ARGV[a + 4] .. env
+    else
+      msg[#msg + 1] = 'k' .. bv .. ARGV[a + 4]
+    end
+  end
+  versions[#versions + 1] = bv
+  ki = ki + nk
+end
+publish(ARGV[1], table.concat(msg))
+return versions`)
 
 // fillScript stores a loaded value if the key still holds what the load
 // found there (ARGV[3]): nothing ("absent"), the same corrupt string
@@ -119,7 +172,7 @@ redis.call('SET', KEYS[1], env, 'PX', ARGV[2])
 if waited then
   local msg = ARGV[6] .. v .. ARGV[7]
   if ARGV[8] == '1' then msg = msg .. env end
-  redis.call('PUBLISH', ARGV[5], msg)
+  publish(ARGV[5], msg)
   return {v, 1}
 end
 return {v, 0}`)
@@ -166,7 +219,7 @@ if k ~= 2 and k ~= 3 then return 0 end
 local v = be64(next_version(KEYS[1]))
 redis.call('DEL', KEYS[1])
 if k == 3 then
-  redis.call('PUBLISH', ARGV[2], ARGV[3] .. v .. ARGV[4])
+  publish(ARGV[2], ARGV[3] .. v .. ARGV[4])
   return 2
 end
 return 1`)
@@ -222,6 +275,11 @@ type remote struct {
 
 	waitReplicas int // Options.WaitReplicas
 	waitTimeout  time.Duration
+
+	origin uint64     // the Cache's id, in the messages of its writes
+	stats  *counters  // the Cache's
+	queue  writeQueue // the writes of a single node (see writes.go)
+	queues sync.Map   // on a Cluster: hash slot -> *writeQueue
 }
 
 func (r *remote) key(k string) string { return r.prefix + k }
@@ -248,33 +306,6 @@ func (r *remote) get(ctx context.Context, key string) (b []byte, found bool, err
 		return nil, true, errWrongType
 	}
 	return b, err == nil, r.check(ctx, br, err)
-}
-
-// write stores env under key for ttl and publishes its invalidation, made
-// of head and tail around the version (see encodeInvalidation); with
-// withValue, the stamped envelope follows. It returns the version Redis
-// gave the value.
-func (r *remote) write(ctx context.Context, key string, env []byte, ttl time.Duration, head, tail []byte, withValue bool) (uint64, error) {
-	args := []any{env, ttl.Milliseconds(), r.channel, head, tail, "0"}
-	if withValue {
-		args[5] = "1"
-	}
-	call := &scriptCall{script: writeScript, keys: []string{r.key(key)}, args: args}
-	if r.waitReplicas > 0 {
-		if errs := r.runAll(ctx, []*scriptCall{call}, true); errs[0] != nil {
-			return 0, errs[0]
-		}
-		return parseVersion(call.res)
-	}
-	br := r.breakerFor(ctx, call.keys[0])
-	if err := r.allow(br); err != nil {
-		return 0, err
-	}
-	call.res = writeScript.Run(ctx, r.client, call.keys, args...)
-	if err := r.check(ctx, br, call.res.Err()); err != nil {
-		return 0, err
-	}
-	return parseVersion(call.res)
 }
 
 // parseVersion reads the version a script returned.
@@ -454,50 +485,6 @@ func (r *remote) releaseArgs(token, head, tail []byte) []any {
 	return []any{token, r.channel, head, tail}
 }
 
-// del deletes keys and publishes, per script call, an invalidation made of
-// head, the version and the keys of that call; it calls deleted with each
-// call's keys and version once that call succeeded, and returns the number
-// of calls that did. On a cluster the keys are grouped by slot (a script
-// may only touch one slot); the calls of each master are pipelined, the
-// masters' pipelines run concurrently, and the error names the keys of
-// every master that failed.
-func (r *remote) del(ctx context.Context, keys []string, head []byte, deleted func(keys []string, version uint64)) (int, error) {
-	groups := [][]string{keys}
-	if r.cluster() != nil {
-		groups = groupBySlot(r.prefix, keys)
-	}
-	var calls []*scriptCall
-	for _, g := range groups {
-		for len(g) > 0 {
-			n, size := 0, 0
-			for n < len(g) && n < maxKeysPerScript && (n == 0 || size+len(g[n]) <= maxMessageKeyBytes) {
-				size += len(g[n])
-				n++
-			}
-			calls = append(calls, &scriptCall{script: deleteScript, keys: r.keys(g[:n]),
-				args: []any{r.channel, head, encodeKeys(g[:n]...)}, names: g[:n]})
-			g = g[n:]
-		}
-	}
-	errs := r.runAll(ctx, calls, r.waitReplicas > 0)
-	sent := 0
-	var failed []error
-	for i, c := range calls {
-		err := errs[i]
-		var v uint64
-		if err == nil {
-			v, err = parseVersion(c.res)
-		}
-		if err != nil {
-			failed = append(failed, err)
-			continue
-		}
-		deleted(c.names, v)
-		sent++
-	}
-	return sent, errors.Join(failed...)
-}
-
 // scriptCall is one script run: its keys share a slot.
 type scriptCall struct {
 	script *redis.Script
@@ -580,7 +567,7 @@ func (r *remote) runAll(ctx context.Context, calls []*scriptCall, waited bool) [
 		}
 		done := ""
 		switch g.calls[0].script {
-		case writeScript:
+		case writeScript, batchScript:
 			done = "written"
 		case deleteScript:
 			done = "deleted"

@@ -344,11 +344,13 @@ func TestLargeDeletesAreSplitIntoBoundedMessages(t *testing.T) {
 		if len(m.Payload) > maxMessageKeyBytes+64*1024 {
 			t.Errorf("a message of %d bytes", len(m.Payload))
 		}
-		inv, err := decodeInvalidation(m.Payload)
+		invs, err := decodeMessage(m.Payload)
 		if err != nil {
 			t.Fatal(err)
 		}
-		named += len(inv.keys)
+		for _, inv := range invs {
+			named += len(inv.keys)
+		}
 	}
 	if named != len(keys) {
 		t.Errorf("messages named %d keys; want %d", named, len(keys))

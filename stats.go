@@ -44,6 +44,12 @@ type Stats struct {
 	KeysInvalidated        uint64 // keys dropped from L1 by received invalidations
 	KeysReplaced           uint64 // of those, keys L1 held whose new value came with the invalidation and replaced the old one
 
+	// Group commit: writes in flight at the same time on one Cache (and,
+	// on a Cluster, in one hash slot) go to Redis as one script publishing
+	// one message.
+	WriteBatches    uint64 // scripts sent that ran more than one write (each also counts in InvalidationsPublished once, if it succeeded)
+	WritesCoalesced uint64 // writes (Sets, and per slot the keys of a Delete) sent in those scripts; ÷ WriteBatches is the mean batch size
+
 	// SubscriptionGaps, HeartbeatMisses and Flushes belong to the
 	// subscription this Cache shares with the other Caches on its Redis
 	// client, and read the same in all of them; LocalBypassed is this
@@ -68,4 +74,5 @@ type counters struct {
 	published, received, keysInval  atomic.Uint64
 	bypassed, shared, keysReplaced  atomic.Uint64
 	batchCalls                      atomic.Uint64
+	writeBatches, writesCoalesced   atomic.Uint64
 }

@@ -66,6 +66,7 @@ func newCache[V any](opts Options, clk *clock, releaseClk func()) (*Cache[V], er
 			waitTimeout:  opts.WaitTimeout,
 		},
 	}
+	c.remote.origin, c.remote.stats = c.id, &c.stats
 	for _, b := range []*burstLog{&c.remoteLog, &c.corruptLog, &c.encodeLog, &c.panicLog, &c.refreshLog, &c.staleLog} {
 		b.log = opts.Logger.With("namespace", opts.Namespace)
 	}
@@ -295,16 +296,23 @@ func (c *Cache[V]) Set(ctx context.Context, key string, v V, opts ...ItemOption)
 	if len(b) <= c.opts.PublishValueMaxBytes {
 		kind = msgValue
 	}
+	// Saturated: an overflow would be a PX Redis rejects, and a batch
+	// script cannot fail after its first write (see batchScript).
+	px := time.Duration(addSat(int64(ttl), int64(c.opts.StaleIfError))).Milliseconds()
 	t := c.local.begin(key)
-	version, err := c.remote.write(ctx, key, encodeEnvelope(kindValue, expires, b), ttl+c.opts.StaleIfError,
-		messageHead(kind, c.id), encodeKeys(key), kind == msgValue)
-	if err != nil {
-		c.local.invalidate(key)
-		c.remoteFailed(err)
+	call := newCall()
+	c.remote.addWrite(call, []string{key}, encodeEnvelope(kindValue, expires, b), px, kind, func(version uint64, err error) {
+		if err != nil {
+			c.local.invalidate(key)
+			c.remoteFailed(err)
+			return
+		}
+		c.wrote(key, t, stored, false, len(b), localTTL, expires, version)
+	})
+	if err := c.remote.submit(ctx, call); err != nil {
+		c.local.invalidate(key) // also if ctx ended while the write was on the wire
 		return err
 	}
-	c.stats.published.Add(1)
-	c.wrote(key, t, stored, false, len(b), localTTL, expires, version)
 	return nil
 }
 
@@ -341,19 +349,40 @@ func (c *Cache[V]) Delete(ctx context.Context, keys ...string) error {
 	for _, k := range keys {
 		c.local.invalidate(k)
 	}
-	// Applied here as its message will be: an older Set of this instance
-	// that ends after the Delete must not store its value.
-	sent, err := c.remote.del(ctx, keys, messageHead(msgKeys, c.id), func(ks []string, version uint64) {
-		for _, k := range ks {
-			c.local.heard(k, version, nil)
+	// Applied here as its message will be, by each part's finish: an older
+	// Set of this instance that ends after the Delete must not store its
+	// value. On a cluster the keys are grouped by slot (a script may only
+	// touch one slot); a slot's keys are cut into parts small enough for
+	// one message (see maxMessageKeyBytes).
+	groups := [][]string{keys}
+	if c.remote.cluster() != nil {
+		groups = groupBySlot(c.remote.prefix, keys)
+	}
+	call := newCall()
+	for _, g := range groups {
+		for len(g) > 0 {
+			n, size := 0, 0
+			for n < len(g) && n < maxKeysPerScript && (n == 0 || size+len(g[n]) <= maxMessageKeyBytes) {
+				size += len(g[n])
+				n++
+			}
+			part := g[:n]
+			c.remote.addWrite(call, part, nil, 0, msgKeys, func(version uint64, err error) {
+				if err != nil {
+					c.remoteFailed(err)
+					return
+				}
+				for _, k := range part {
+					c.local.heard(k, version, nil)
+				}
+			})
+			g = g[n:]
 		}
-	})
-	c.stats.published.Add(uint64(sent))
-	if err != nil {
+	}
+	if err := c.remote.submit(ctx, call); err != nil {
 		for _, k := range keys {
 			c.local.invalidate(k)
 		}
-		c.remoteFailed(err)
 		return err
 	}
 	return nil
@@ -424,6 +453,8 @@ func (c *Cache[V]) Stats() Stats {
 		InvalidationsReceived:  s.received.Load(),
 		KeysInvalidated:        s.keysInval.Load(),
 		KeysReplaced:           s.keysReplaced.Load(),
+		WriteBatches:           s.writeBatches.Load(),
+		WritesCoalesced:        s.writesCoalesced.Load(),
 		SubscriptionGaps:       c.sub.gaps.Load(),
 		HeartbeatMisses:        c.sub.hbMisses.Load(),
 		Flushes:                c.sub.flushes.Load(),
@@ -871,38 +902,41 @@ func (c *Cache[V]) clusterChanged() { c.remote.closeAll() }
 // L1 does not hold is only invalidated: decoding values nobody here reads
 // would be wasted work).
 func (c *Cache[V]) invalidated(payload string) {
-	m, err := decodeInvalidation(payload)
+	ms, err := decodeMessage(payload)
 	if err != nil {
 		// Not ours: we cannot tell what it means, so assume the worst.
 		c.local.invalidateAll()
 		c.corruptLog.warn("tiered: malformed invalidation message; L1 flushed", "err", err)
 		return
 	}
-	replaced := false
-	if m.envelope != "" {
-		key := m.keys[0]
-		c.local.heard(key, m.version, func() *entry[V] {
-			e := c.messageEntry(key, m.envelope)
-			replaced = e != nil
-			return e
-		})
-	} else {
+	var keys, replaced uint64
+	for _, m := range ms {
+		keys += uint64(len(m.keys))
+		if m.envelope != "" {
+			key := m.keys[0]
+			c.local.heard(key, m.version, func() *entry[V] {
+				e := c.messageEntry(key, m.envelope)
+				if e != nil {
+					replaced++
+				}
+				return e
+			})
+		} else {
+			for _, k := range m.keys {
+				c.local.heard(k, m.version, nil)
+			}
+		}
 		for _, k := range m.keys {
-			c.local.heard(k, m.version, nil)
+			c.waits.wake(k, m.kind, m.version, m.envelope, c.local.beginAt)
 		}
 	}
-	for _, k := range m.keys {
-		c.waits.wake(k, m.kind, m.version, m.envelope, c.local.beginAt)
-	}
-	if m.origin == c.id {
+	if ms[0].origin == c.id {
 		return
 	}
 	// Counted once applied, so that a count seen means the keys are dropped.
 	c.stats.received.Add(1)
-	c.stats.keysInval.Add(uint64(len(m.keys)))
-	if replaced {
-		c.stats.keysReplaced.Add(1)
-	}
+	c.stats.keysInval.Add(keys)
+	c.stats.keysReplaced.Add(replaced)
 }
 
 // decodeCarried decodes the envelope a message carried: a value or a

@@ -66,6 +66,10 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.KeysInvalidated }},
 	{"tiered.keys_replaced", "{key}", "Keys dropped from L1 by received invalidations whose new value came with the message and replaced the old one.",
 		func(s *tiered.Stats) uint64 { return s.KeysReplaced }},
+	{"tiered.write_batches", "{script}", "Scripts this cache sent that ran more than one write (concurrent Sets and Deletes, group-committed).",
+		func(s *tiered.Stats) uint64 { return s.WriteBatches }},
+	{"tiered.writes_coalesced", "{write}", "Writes (Sets, and per slot a Delete's keys) sent in scripts with other writes.",
+		func(s *tiered.Stats) uint64 { return s.WritesCoalesced }},
 
 	{"tiered.subscription_gaps", "{gap}", "Times the invalidation subscription was found broken and L1 flushed (shared by the caches on one Redis client).",
 		func(s *tiered.Stats) uint64 { return s.SubscriptionGaps }},

@@ -65,6 +65,10 @@ var metrics = []struct {
 		func(s *tiered.Stats) uint64 { return s.KeysInvalidated }},
 	{"keys_replaced_total", "Keys dropped from L1 by received invalidations whose new value came with the message and replaced the old one.",
 		func(s *tiered.Stats) uint64 { return s.KeysReplaced }},
+	{"write_batches_total", "Scripts this cache sent that ran more than one write (concurrent Sets and Deletes, group-committed).",
+		func(s *tiered.Stats) uint64 { return s.WriteBatches }},
+	{"writes_coalesced_total", "Writes (Sets, and per slot a Delete's keys) sent in scripts with other writes.",
+		func(s *tiered.Stats) uint64 { return s.WritesCoalesced }},
 
 	{"subscription_gaps_total", "Times the invalidation subscription was found broken and L1 flushed (shared by the caches on one Redis client).",
 		func(s *tiered.Stats) uint64 { return s.SubscriptionGaps }},

@@ -1,0 +1,157 @@
+package tiered_test
+
+// Adversarial tests of group commit (writes.go): concurrent Sets and
+// Deletes of one instance go to Redis as one script and one message. Each
+// test tries to make an instance serve an overwritten value, or make a
+// writer hang or lose its own write, through batches.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tieredcache/tiered"
+)
+
+// scriptGate holds the first write script (EVALSHA or EVAL, alone or in a
+// pipeline) one of whose arguments contains marker, before it is sent,
+// until release is closed: the writes that come meanwhile queue behind it.
+type scriptGate struct {
+	marker  []byte
+	reached chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func newScriptGate(marker string) *scriptGate {
+	return &scriptGate{marker: []byte(marker), reached: make(chan struct{}), release: make(chan struct{})}
+}
+
+func (g *scriptGate) hold(cmd redis.Cmder) {
+	if (cmd.Name() == "evalsha" || cmd.Name() == "eval") && argsContain(cmd, g.marker) {
+		g.once.Do(func() {
+			close(g.reached)
+			<-g.release
+		})
+	}
+}
+
+func (g *scriptGate) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (g *scriptGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		g.hold(cmd)
+		return next(ctx, cmd)
+	}
+}
+
+func (g *scriptGate) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, c := range cmds {
+			g.hold(c)
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// queueBehind starts each of writes in its own goroutine, in order, each
+// once the one before waits in c's write queue, and returns their errors'
+// channels. A write of c must be on the wire (held by a gate).
+func queueBehind(t *testing.T, c *tiered.Cache[string], writes ...func() error) []chan error {
+	t.Helper()
+	base := tiered.QueuedWrites(c)
+	out := make([]chan error, len(writes))
+	for i, w := range writes {
+		out[i] = make(chan error, 1)
+		go func() { out[i] <- w() }()
+		awaitCond(t, 10*time.Second, fmt.Sprintf("write %d to queue", i), func() bool {
+			return tiered.QueuedWrites(c) == base+i+1
+		})
+	}
+	return out
+}
+
+// awaitErr returns what errc delivers, failing the test if nothing comes
+// within timeout (a hung writer).
+func awaitErr(t *testing.T, errc <-chan error, timeout time.Duration, what string) error {
+	t.Helper()
+	select {
+	case err := <-errc:
+		return err
+	case <-time.After(timeout):
+		t.Fatalf("%s did not return within %v", what, timeout)
+		return nil
+	}
+}
+
+// appliedFrom returns a function that waits until reader applied every
+// message writer published since now (reader must be subscribed already).
+func appliedFrom(t *testing.T, writer, reader *tiered.Cache[string]) func() {
+	pub0, recv0 := writer.Stats().InvalidationsPublished, reader.Stats().InvalidationsReceived
+	return func() {
+		t.Helper()
+		awaitCond(t, 10*time.Second, "the reader to apply the writer's messages", func() bool {
+			return reader.Stats().InvalidationsReceived-recv0 >= writer.Stats().InvalidationsPublished-pub0
+		})
+	}
+}
+
+// TestAdversarialABatchThatFailsInRedisLeavesNoWriteUnpublished: Redis
+// does not roll back the writes a script made before an error. A batch in
+// which one write cannot be stored (here the longest TTL, whose PX plus
+// StaleIfError overflowed) must not leave the writes before it in Redis
+// without their message: another instance would serve the overwritten
+// value until its L1 TTL. And a Set with the longest TTL must work, alone
+// or batched.
+func TestAdversarialABatchThatFailsInRedisLeavesNoWriteUnpublished(t *testing.T) {
+	ctx := context.Background()
+	mr, _ := newMini(t)
+	ns := advNamespace(t)
+	o := tiered.Options{StaleIfError: time.Hour, RemoteTTLJitter: -1}
+	g := newScriptGate("gate")
+	ra := plainClient(t, mr.Addr())
+	ra.AddHook(g)
+	a := advCache(t, ra, ns, o)
+	b := advCache(t, plainClient(t, mr.Addr()), ns, o)
+	awaitApplied := appliedFrom(t, a, b)
+	if err := a.Set(ctx, "k1", "old"); err != nil {
+		t.Fatal(err)
+	}
+	awaitCond(t, 10*time.Second, "b to hold k1 in L1", func() bool {
+		v, fromL1, err := getFrom(b, "k1")
+		return err == nil && v == "old" && fromL1
+	})
+
+	gateErr := make(chan error, 1)
+	go func() { gateErr <- a.Set(ctx, "gate", "x") }()
+	<-g.reached
+	errs := queueBehind(t, a,
+		func() error { return a.Set(ctx, "k1", "new") },
+		func() error { return a.Set(ctx, "k2", "forever", tiered.WithRemoteTTL(math.MaxInt64)) })
+	close(g.release)
+	if err := <-gateErr; err != nil {
+		t.Fatal(err)
+	}
+	for i, e := range errs {
+		if err := awaitErr(t, e, 10*time.Second, fmt.Sprintf("write %d", i)); err != nil {
+			t.Errorf("write %d of the batch: %v", i, err)
+		}
+	}
+	if err := a.Set(ctx, "k3", "forever", tiered.WithRemoteTTL(math.MaxInt64)); err != nil {
+		t.Errorf("a lone Set with the longest TTL: %v", err)
+	}
+	awaitApplied()
+	for _, k := range []string{"k1", "k2", "k3"} {
+		want, held := redisHolds(t, mr, ns, k)
+		v, err := b.Get(ctx, k)
+		if held && (err != nil || v != want) || !held && !errors.Is(err, tiered.ErrNotFound) {
+			t.Errorf("b serves %s for %s; Redis holds %q (present %v)", describe(v, err), k, want, held)
+		}
+	}
+}
