@@ -71,9 +71,21 @@ type subscriber struct {
 	lastPong atomic.Int64  // UnixNano of the last answer
 	pinging  atomic.Bool   // a ping is being sent
 
-	gaps     atomic.Uint64
-	hbMisses atomic.Uint64
-	flushes  atomic.Uint64
+	// The epoch's values, and what a heal needs to know of the gap it
+	// ends; guarded by stateMu (see invalidation_log.go).
+	epochMax  uint64        // the largest epoch so far: every new one is larger
+	lastEven  uint64        // the epoch before the gap, which a replay restores
+	mustFlush bool          // something since the gap's start calls for a flush (see flush)
+	replaying bool          // a replay or the decision to flush is under way
+	healedAny bool          // the subscription was healthy once
+	gapCount  atomic.Uint64 // calls of gap; messages extend a log position only within one
+
+	gaps       atomic.Uint64
+	hbMisses   atomic.Uint64
+	flushes    atomic.Uint64
+	replayed   atomic.Uint64 // gaps healed by replaying the log
+	replayedN  atomic.Uint64 // log entries applied by replays
+	gapFlushes atomic.Uint64 // gaps healed by a flush
 
 	mu       sync.Mutex // guards ps, channels, refs
 	ps       *redis.PubSub
@@ -103,6 +115,8 @@ type clusterMember interface {
 type channelMembers struct {
 	members   []member // replaced, never modified, so readers may keep it
 	confirmed bool
+	log       string // the namespace's invalidation log (see invalidation_log.go)
+	pos       logPos // the last entry of log applied (guarded by mu)
 }
 
 // subscribers holds the subscriber of each Redis client in this process.
@@ -159,6 +173,7 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 	}
 	_, s.paths.unknown = client.(*redis.ClusterClient)
 	s.epoch.Store(1) // unhealthy until the first ping is answered
+	s.epochMax = 1
 	s.lastPong.Store(time.Now().UnixNano())
 	s.gapAt = time.Now()
 	s.healed = make(chan struct{})
@@ -185,13 +200,13 @@ func (s *subscriber) stop() {
 	s.wg.Wait()
 }
 
-// add subscribes m to channel.
-func (s *subscriber) add(channel string, m member) {
+// add subscribes m to channel, whose invalidation log is log.
+func (s *subscriber) add(channel, log string, m member) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	cm := s.channels[channel]
 	if cm == nil {
-		cm = &channelMembers{}
+		cm = &channelMembers{log: log}
 		s.channels[channel] = cm
 		if err := s.ps.Subscribe(s.ctx, channel); err != nil {
 			// go-redis may have replaced the connection underneath.
@@ -250,6 +265,7 @@ func (s *subscriber) healedChan() <-chan struct{} {
 func (s *subscriber) gap(reason string, err error) bool {
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
+	s.gapCount.Add(1)
 	s.gapSeq = s.pingSeq.Load()
 	s.resubbed = false
 	s.subDown = true
@@ -265,34 +281,56 @@ func (s *subscriber) open(reason string, err error, attrs ...any) bool {
 	s.gapAt = time.Now()
 	s.healed = make(chan struct{})
 	close(s.broken)
-	s.epoch.Add(1)
+	s.lastEven = s.epoch.Load()
+	s.mustFlush = false
+	s.setEpoch(1)
 	s.gaps.Add(1)
 	s.log.Warn("tiered: invalidation subscription lost; L1 bypassed until it is back",
 		append([]any{"reason", reason, "err", err}, attrs...)...)
 	return true
 }
 
-// closeGap makes the epoch even again once the subscription and every
-// master path (on a cluster, once its masters are known) are healthy.
-// stateMu must be held.
-func (s *subscriber) closeGap() {
-	if s.epoch.Load()&1 == 1 && !s.subDown && s.paths.down == 0 && !s.paths.unknown {
-		s.epoch.Add(1)
-		close(s.healed)
-		s.broken = make(chan struct{})
-		s.log.Info("tiered: invalidation subscription healthy")
+// setEpoch makes the epoch the next value above every one so far of
+// parity odd (1) or even (0). Values never repeat but for a replay's
+// restore of the epoch before its gap (see invalidation_log.go). stateMu
+// must be held.
+func (s *subscriber) setEpoch(odd uint64) {
+	e := s.epochMax + 1
+	if e&1 != odd {
+		e++
 	}
+	s.epochMax = e
+	s.epoch.Store(e)
+}
+
+// closeGap ends the gap once the subscription and every master path (on a
+// cluster, once its masters are known) are healthy: by a replay of the
+// invalidation log where it can, else by a flush (see
+// invalidation_log.go). stateMu must be held.
+func (s *subscriber) closeGap() {
+	if s.epoch.Load()&1 == 0 || s.subDown || s.paths.down != 0 || s.paths.unknown || s.replaying {
+		return
+	}
+	if _, cluster := s.client.(*redis.ClusterClient); cluster {
+		s.healFlushed("the log is not kept on a Redis Cluster")
+		return
+	}
+	s.replaying = true
+	s.wg.Add(1)
+	go s.replay(s.gapCount.Load())
 }
 
 // flush makes every L1 entry filled before it a miss without declaring a
 // gap (no invalidation was lost, but values read before may differ from
-// what Redis now holds). While a gap is open there is nothing to do: its
-// heal bumps the epoch anyway.
+// what Redis now holds). While a gap is open it makes the gap's heal a
+// flush: a replay would restore the epoch of before.
 func (s *subscriber) flush(reason string) {
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
 	if s.epoch.Load()&1 == 0 {
-		s.epoch.Add(2)
+		s.setEpoch(0)
+	} else {
+		s.mustFlush = true
 	}
 	s.flushes.Add(1)
 	// Debug, not Warn: a flush is an expected part of recovering (from a
@@ -388,6 +426,7 @@ func (s *subscriber) handle(msg any) {
 		var members []member
 		if cm := s.channels[m.Channel]; cm != nil {
 			members = cm.members
+			cm.pos.advance(m.Payload, s.gapCount.Load())
 		}
 		s.mu.Unlock()
 		for _, x := range members {
@@ -419,6 +458,9 @@ func (s *subscriber) handle(msg any) {
 			cm.confirmed = true
 			for _, x := range cm.members {
 				x.subscribed()
+			}
+			if s.healthy() {
+				s.readTails(s.gapCount.Load(), m.Channel)
 			}
 		}
 	}
@@ -491,13 +533,19 @@ func (s *subscriber) heartbeat() {
 // for msgKeys, each key as a uvarint length and its bytes, or, for msgValue,
 // one key so written and then, to the end, the key's new envelope as stored
 // in Redis. The client sends the script the head (kind and id) and the keys;
-// the script joins them around the version.
+// the script joins them around the version. A message the script also
+// appended to the namespace's invalidation log (see invalidation_log.go)
+// has its kind byte in upper case and, after the version, the log entry's
+// ID as one length byte and its text; the log entry itself is the message
+// without ID and envelope, of kind msgKeys if it carried a value.
 const (
 	msgKeys     = 'k'
 	msgValue    = 'v'
 	msgNotFound = 'n' // msgKeys of a load that found nothing: waiters for its lease need not load
 
 	msgHeader = 17 // kind, origin, version
+
+	msgLogged = 'a' - 'A' // subtracted from a kind: the message carries its log entry's ID
 )
 
 // messageHead returns the kind byte and origin of a message.
@@ -527,18 +575,48 @@ type invalidation struct {
 	kind     byte
 	origin   uint64
 	version  uint64
+	logID    string // the ID of its log entry; "" if it was not logged
 	keys     []string
 	envelope string // msgValue: the new envelope of keys[0]
 }
 
+// logged returns the log entry ID a message carries and the entry's
+// identity (its origin and version, which an entry of another log with the
+// same ID would not share); "" if it carries none.
+func logged(p string) (id, ident string) {
+	if len(p) <= msgHeader {
+		return "", ""
+	}
+	if k := p[0] + msgLogged; k != msgKeys && k != msgValue && k != msgNotFound {
+		return "", ""
+	}
+	n := int(p[msgHeader])
+	if n == 0 || len(p) < msgHeader+1+n {
+		return "", ""
+	}
+	return p[msgHeader+1 : msgHeader+1+n], p[1:msgHeader]
+}
+
 func decodeInvalidation(p string) (m invalidation, err error) {
-	if len(p) < msgHeader || p[0] != msgKeys && p[0] != msgValue && p[0] != msgNotFound {
+	if len(p) < msgHeader {
 		return m, errBadInvalidation
 	}
 	m.kind = p[0]
+	rest := p[msgHeader:]
+	if k := p[0] + msgLogged; k == msgKeys || k == msgValue || k == msgNotFound {
+		m.kind = k
+		if n := int(rest[0]); len(rest) > n && n > 0 {
+			m.logID, rest = rest[1:1+n], rest[1+n:]
+		} else {
+			return m, errBadInvalidation
+		}
+	}
+	if m.kind != msgKeys && m.kind != msgValue && m.kind != msgNotFound {
+		return m, errBadInvalidation
+	}
 	m.origin = binary.BigEndian.Uint64([]byte(p[1:9]))
 	m.version = binary.BigEndian.Uint64([]byte(p[9:17]))
-	for rest := p[msgHeader:]; len(rest) > 0; {
+	for len(rest) > 0 {
 		n, w := binary.Uvarint([]byte(rest[:min(len(rest), binary.MaxVarintLen64)]))
 		var minimal [binary.MaxVarintLen64]byte
 		if w <= 0 || n > uint64(len(rest)-w) || binary.PutUvarint(minimal[:], n) != w {
@@ -548,12 +626,12 @@ func decodeInvalidation(p string) (m invalidation, err error) {
 		}
 		m.keys = append(m.keys, rest[w:w+int(n)])
 		rest = rest[w+int(n):]
-		if p[0] == msgValue {
+		if m.kind == msgValue {
 			m.envelope = rest
 			break
 		}
 	}
-	if len(m.keys) == 0 || p[0] == msgValue && m.envelope == "" {
+	if len(m.keys) == 0 || m.kind == msgValue && m.envelope == "" {
 		return m, errBadInvalidation
 	}
 	return m, nil

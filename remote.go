@@ -46,7 +46,36 @@ local function be64(v)
   return table.concat(b)
 end
 local function stamp(env, v) return string.sub(env, 1, 2) .. v .. string.sub(env, 11) end
+local function logged() return tonumber(ARGV[#ARGV]) >= 0 end
+local function publish(channel, msg, env)
+  local id
+  if logged() then
+    local entry = msg
+    if string.byte(entry, 1) == 118 then entry = 'k' .. string.sub(entry, 2) end
+    local r = redis.pcall('XADD', KEYS[#KEYS], 'MINID', '~', math.floor(clock / 1000) - tonumber(ARGV[#ARGV]), '*', 'm', entry)
+    if type(r) == 'string' then id = r end
+  end
+  if id then
+    msg = string.upper(string.sub(msg, 1, 1)) .. string.sub(msg, 2, 17) .. string.char(#id) .. id .. string.sub(msg, 18)
+  end
+  redis.call('PUBLISH', channel, msg .. (env or ''))
+end
 `
+
+// Every script that publishes an invalidation does it with publish(channel,
+// msg, env) of versionLua: msg is the message (see encodeInvalidation)
+// without the envelope a Set may carry, env that envelope or nil. If the
+// script's last ARGV, the log window in milliseconds, is not negative, the
+// script's last KEYS is the namespace's invalidation log (see
+// invalidation_log.go): publish appends msg to it (a carried value becomes
+// a plain invalidation: the log holds keys and versions, never values),
+// trims the entries older than the window, and puts the entry's ID into the
+// published message, whose kind byte it makes upper case so that a decoder
+// that predates the log rejects the message (and flushes) rather than
+// misreads it. If the log cannot be appended to (a Redis before 6.2, whose
+// XADD has no MINID, or not a stream under its key), the message goes out
+// without an ID, which makes every subscriber flush at its next gap rather
+// than replay. remote.logged adds the two arguments to a call.
 
 // writeScript stores a value and publishes its invalidation in one round
 // trip, atomically: no instance can see the new value in Redis while its
@@ -58,20 +87,22 @@ var writeScript = redis.NewScript(versionLua + `
 local v = be64(next_version(KEYS[1]))
 local env = stamp(ARGV[1], v)
 redis.call('SET', KEYS[1], env, 'PX', ARGV[2])
-local msg = ARGV[4] .. v .. ARGV[5]
-if ARGV[6] == '1' then msg = msg .. env end
-redis.call('PUBLISH', ARGV[3], msg)
+local carried
+if ARGV[6] == '1' then carried = env end
+publish(ARGV[3], ARGV[4] .. v .. ARGV[5], carried)
 return v`)
 
 // deleteScript deletes keys (all in one slot on a cluster) and publishes one
 // invalidation naming them all, under a version above each key's, which it
 // returns.
 var deleteScript = redis.NewScript(versionLua + `
+local n = #KEYS
+if logged() then n = n - 1 end
 local v = 0
-for _, k in ipairs(KEYS) do v = math.max(v, next_version(k)) end
-redis.call('DEL', unpack(KEYS))
+for i = 1, n do v = math.max(v, next_version(KEYS[i])) end
+redis.call('DEL', unpack(KEYS, 1, n))
 v = be64(v)
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. v .. ARGV[3])
+publish(ARGV[1], ARGV[2] .. v .. ARGV[3])
 return v`)
 
 // fillScript stores a loaded value if the key still holds what the load
@@ -117,9 +148,9 @@ local v = be64(next_version(KEYS[1]))
 local env = stamp(ARGV[1], v)
 redis.call('SET', KEYS[1], env, 'PX', ARGV[2])
 if waited then
-  local msg = ARGV[6] .. v .. ARGV[7]
-  if ARGV[8] == '1' then msg = msg .. env end
-  redis.call('PUBLISH', ARGV[5], msg)
+  local carried
+  if ARGV[8] == '1' then carried = env end
+  publish(ARGV[5], ARGV[6] .. v .. ARGV[7], carried)
   return {v, 1}
 end
 return {v, 0}`)
@@ -166,7 +197,7 @@ if k ~= 2 and k ~= 3 then return 0 end
 local v = be64(next_version(KEYS[1]))
 redis.call('DEL', KEYS[1])
 if k == 3 then
-  redis.call('PUBLISH', ARGV[2], ARGV[3] .. v .. ARGV[4])
+  publish(ARGV[2], ARGV[3] .. v .. ARGV[4])
   return 2
 end
 return 1`)
@@ -222,6 +253,19 @@ type remote struct {
 
 	waitReplicas int // Options.WaitReplicas
 	waitTimeout  time.Duration
+
+	logKey    string // the namespace's invalidation log (see invalidation_log.go)
+	logWindow int64  // how long it keeps an entry, in ms; -1: no log (disabled, or a Cluster)
+}
+
+// logged returns the KEYS and ARGV of a script that publishes with
+// versionLua's publish: keys, then the log key if there is a log; args, then
+// the window.
+func (r *remote) logged(keys []string, args []any) ([]string, []any) {
+	if r.logWindow >= 0 {
+		keys = append(keys[:len(keys):len(keys)], r.logKey)
+	}
+	return keys, append(args[:len(args):len(args)], r.logWindow)
 }
 
 func (r *remote) key(k string) string { return r.prefix + k }
@@ -259,7 +303,8 @@ func (r *remote) write(ctx context.Context, key string, env []byte, ttl time.Dur
 	if withValue {
 		args[5] = "1"
 	}
-	call := &scriptCall{script: writeScript, keys: []string{r.key(key)}, args: args}
+	keys, args := r.logged([]string{r.key(key)}, args)
+	call := &scriptCall{script: writeScript, keys: keys, args: args}
 	if r.waitReplicas > 0 {
 		if errs := r.runAll(ctx, []*scriptCall{call}, true); errs[0] != nil {
 			return 0, errs[0]
@@ -320,7 +365,8 @@ func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Dura
 	if err := r.allow(br); err != nil {
 		return 0, false, false, err
 	}
-	reply, err := fillScript.Run(ctx, r.client, []string{rkey}, r.fillArgs(env, ttl, mode, held, head, tail, withValue)...).Slice()
+	keys, args := r.logged([]string{rkey}, r.fillArgs(env, ttl, mode, held, head, tail, withValue))
+	reply, err := fillScript.Run(ctx, r.client, keys, args...).Slice()
 	if err == redis.Nil {
 		r.succeeded(br)
 		return 0, false, false, nil
@@ -445,7 +491,8 @@ func (r *remote) release(ctx context.Context, key string, token, head, tail []by
 	if r.allow(br) != nil {
 		return false
 	}
-	n, err := releaseScript.Run(ctx, r.client, []string{rkey}, r.releaseArgs(token, head, tail)...).Int64()
+	keys, args := r.logged([]string{rkey}, r.releaseArgs(token, head, tail))
+	n, err := releaseScript.Run(ctx, r.client, keys, args...).Int64()
 	return r.check(ctx, br, err) == nil && n == 2
 }
 
@@ -474,8 +521,8 @@ func (r *remote) del(ctx context.Context, keys []string, head []byte, deleted fu
 				size += len(g[n])
 				n++
 			}
-			calls = append(calls, &scriptCall{script: deleteScript, keys: r.keys(g[:n]),
-				args: []any{r.channel, head, encodeKeys(g[:n]...)}, names: g[:n]})
+			keys, args := r.logged(r.keys(g[:n]), []any{r.channel, head, encodeKeys(g[:n]...)})
+			calls = append(calls, &scriptCall{script: deleteScript, keys: keys, args: args, names: g[:n]})
 			g = g[n:]
 		}
 	}
