@@ -463,17 +463,20 @@ func TestInvalidationSoak(t *testing.T) {
 	close(stop)
 	wg.Wait()
 
-	var hits, gaps uint64
+	var hits, gaps, replayed, flushed uint64
 	for i, c := range cs {
 		s := c.Stats()
 		hits += s.LocalHits
 		gaps += s.SubscriptionGaps
+		replayed += s.GapsReplayed
+		flushed += s.GapsFlushed
 		t.Logf("instance %d: %+v", i, s)
 	}
-	t.Logf("soak %v, bound %v (3×%v heartbeat + %v delivery): %d reads (%d from L1, %d errors), %d writes (%d errors), "+
-		"%d kills (%d connections), %d gaps; %d reads stale within the bound (max staleness %v), %d violations",
-		duration, staleBound, heartbeat, deliveryAllowance, reads.Load(), hits, readErrs.Load(), nWrites.Load(), writeErrs.Load(),
-		kills.Load(), killed.Load(), gaps, staleWithinBound.Load(), time.Duration(maxStaleness.Load()), violations.Load())
+	t.Logf("soak %v, bound %v (3×%v heartbeat + %v delivery): %d reads (%d from L1, %.1f%%, %d errors), %d writes (%d errors), "+
+		"%d kills (%d connections), %d gaps (%d replayed, %d flushed); %d reads stale within the bound (max staleness %v), %d violations",
+		duration, staleBound, heartbeat, deliveryAllowance, reads.Load(), hits, 100*float64(hits)/float64(max(reads.Load(), 1)),
+		readErrs.Load(), nWrites.Load(), writeErrs.Load(), kills.Load(), killed.Load(), gaps, replayed, flushed,
+		staleWithinBound.Load(), time.Duration(maxStaleness.Load()), violations.Load())
 	if violations.Load() != 0 {
 		t.Errorf("%d reads saw a version older than one whose Set had returned more than %v before", violations.Load(), staleBound)
 	}
