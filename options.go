@@ -138,8 +138,11 @@ type Options struct {
 	// the same Redis server; else it flushes, as it does without a log (see
 	// the README's Consistency section). The window must cover a gap: up to
 	// 4 × HeartbeatInterval to notice a stall, plus the reconnect. Each
-	// entry costs Redis ~20 bytes plus its keys (a write of one key of 20
-	// bytes: ~45 bytes), so 30 s at 10,000 writes/s is ~15 MB. Default 30 s;
+	// entry costs Redis ~45 bytes plus its keys (measured: 64 bytes for a
+	// write of one 20-byte key), so 30 s at 10,000 writes/s is ~19 MB.
+	// Entries are trimmed by the writes that follow them (approximately,
+	// a stream node of 100 at a time), so the log of a namespace that is
+	// no longer written keeps its last entries. Default 30 s;
 	// negative disables the log (messages then keep the format of before
 	// the log, which older instances read). Every instance of a Namespace
 	// must log, or gaps flush. Ignored on a *redis.ClusterClient, whose
