@@ -383,6 +383,9 @@ func TestFillAcrossASubscriptionGapIsNotServedAfterHeal(t *testing.T) {
 				t.Fatal(err)
 			}
 			awaitReceived(t, b, 1)
+			if tc.log == 0 {
+				awaitLogPosition(t, b)
+			}
 
 			done := make(chan struct{})
 			read := func() {

@@ -24,6 +24,23 @@ func gapHealedBy(t *testing.T, proxy *tcpProxy, b *Cache[string], during func())
 	return b.Stats()
 }
 
+// logPosition returns c's position in its namespace's log.
+func logPosition[V any](c *Cache[V]) logPos {
+	c.sub.mu.Lock()
+	defer c.sub.mu.Unlock()
+	if cm := c.sub.channels[c.remote.channel]; cm != nil {
+		return cm.pos
+	}
+	return logPos{}
+}
+
+// awaitLogPosition waits until c has read its position in the log (in the
+// background, once its subscription is confirmed and healthy).
+func awaitLogPosition[V any](t testing.TB, c *Cache[V]) {
+	t.Helper()
+	waitUntil(t, invWait, "a position in the invalidation log", func() bool { return logPosition(c).id != "" })
+}
+
 // primed returns a writer a and a reader b (behind proxy) of one namespace,
 // b holding "held" in L1 and a position in the log.
 func primed(t *testing.T) (proxy *tcpProxy, rdbA *redis.Client, a, b *Cache[string]) {
@@ -39,6 +56,7 @@ func primed(t *testing.T) (proxy *tcpProxy, rdbA *redis.Client, a, b *Cache[stri
 		t.Fatal(err)
 	}
 	awaitReceived(t, b, 1)
+	awaitLogPosition(t, b)
 	mustGet(t, b, "held", "v")
 	mustHoldInL1(t, b, "held", "v")
 	return proxy, rdbA, a, b
