@@ -73,6 +73,8 @@ func FuzzDecodeInvalidation(f *testing.F) {
 	head := func(kind byte) []byte { return binary.BigEndian.AppendUint64(messageHead(kind, 1), 2) }
 	f.Add(string(append(head(msgKeys), encodeKeys("a", "bc")...)))
 	f.Add(string(append(append(head(msgValue), encodeKeys("a")...), encodeEnvelope(kindValue, 3_000_000, []byte("v"))...)))
+	withID := append(head(msgKeys-msgLogged), 3)
+	f.Add(string(append(append(withID, "1-0"...), encodeKeys("a")...)))
 	f.Fuzz(func(t *testing.T, p string) {
 		m, err := decodeInvalidation(p)
 		if err != nil {
@@ -93,7 +95,17 @@ func FuzzDecodeInvalidation(f *testing.F) {
 		default:
 			t.Fatalf("accepted kind %#x", m.kind)
 		}
-		re := binary.BigEndian.AppendUint64(messageHead(m.kind, m.origin), m.version)
+		kind := m.kind
+		if m.logID != "" {
+			kind -= msgLogged
+		}
+		re := binary.BigEndian.AppendUint64(messageHead(kind, m.origin), m.version)
+		if m.logID != "" {
+			re = append(append(re, byte(len(m.logID))), m.logID...)
+			if id, ident := logged(p); id != m.logID || ident != p[1:msgHeader] {
+				t.Fatalf("logged(%x) = %q, %x; want %q and the origin and version", p, id, ident, m.logID)
+			}
+		}
 		re = append(re, encodeKeys(m.keys...)...)
 		re = append(re, m.envelope...)
 		if string(re) != p {

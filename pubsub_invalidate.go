@@ -605,11 +605,11 @@ func decodeInvalidation(p string) (m invalidation, err error) {
 	rest := p[msgHeader:]
 	if k := p[0] + msgLogged; k == msgKeys || k == msgValue || k == msgNotFound {
 		m.kind = k
-		if n := int(rest[0]); len(rest) > n && n > 0 {
-			m.logID, rest = rest[1:1+n], rest[1+n:]
-		} else {
+		if len(rest) == 0 || rest[0] == 0 || len(rest) <= int(rest[0]) {
 			return m, errBadInvalidation
 		}
+		n := int(rest[0])
+		m.logID, rest = rest[1:1+n], rest[1+n:]
 	}
 	if m.kind != msgKeys && m.kind != msgValue && m.kind != msgNotFound {
 		return m, errBadInvalidation
