@@ -420,7 +420,7 @@ func testClusterInvalidation(t *testing.T, tc *testCluster) {
 	subNode := tc.subscriptionNode(t, r)
 	cc := tc.client(t)
 	probe := &clusterProbe{applied: make(chan time.Time, 1)}
-	r.sub.add(r.remote.channel, probe)
+	r.sub.add(r.remote.channel, "", probe)
 	t.Cleanup(func() { r.sub.remove(r.remote.channel, probe) })
 	for i := range trials {
 		k := keys[i%len(keys)]

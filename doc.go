@@ -57,8 +57,13 @@
 // Generations: every fill (a Redis read or a load) records the key's
 // generation when it began, and is never served once an invalidation or
 // write of the key moved it. Epochs: a subscription gap (a reconnect, a
-// CLIENT KILL, a stall found by the heartbeat) makes L1 a miss at once, and
-// nothing filled before the subscription is proven back is served after.
+// CLIENT KILL, a stall found by the heartbeat) makes L1 a miss at once.
+// When the subscription is proven back, the instance replays the
+// namespace's invalidation log (Options.InvalidationLog) from the last
+// entry it applied, which moves the generations of every key written
+// meanwhile, and L1 is served again as before the gap; if the log cannot
+// prove that nothing was lost (trimmed past that entry, replaced, another
+// Redis server, a Cluster), nothing filled before the heal is served after.
 //
 // # Leases
 //

@@ -74,6 +74,8 @@ func FuzzDecodeInvalidation(f *testing.F) {
 	head := func(kind byte) []byte { return binary.BigEndian.AppendUint64(messageHead(kind, 1), 2) }
 	f.Add(string(append(head(msgKeys), encodeKeys("a", "bc")...)))
 	f.Add(string(append(append(head(msgValue), encodeKeys("a")...), encodeEnvelope(kindValue, 3_000_000, []byte("v"))...)))
+	withID := append(head(msgKeys-msgLogged), 3)
+	f.Add(string(append(append(withID, "1-0"...), encodeKeys("a")...)))
 	f.Fuzz(func(t *testing.T, p string) {
 		m, err := decodeInvalidation(p)
 		if err != nil {
@@ -94,7 +96,17 @@ func FuzzDecodeInvalidation(f *testing.F) {
 		default:
 			t.Fatalf("accepted kind %#x", m.kind)
 		}
-		re := binary.BigEndian.AppendUint64(messageHead(m.kind, m.origin), m.version)
+		kind := m.kind
+		if m.logID != "" {
+			kind -= msgLogged
+		}
+		re := binary.BigEndian.AppendUint64(messageHead(kind, m.origin), m.version)
+		if m.logID != "" {
+			re = append(append(re, byte(len(m.logID))), m.logID...)
+			if id, identity, _ := logged(p); id != m.logID || identity != p[1:msgHeader] {
+				t.Fatalf("logged(%x) = %q, %x; want %q and the origin and version", p, id, identity, m.logID)
+			}
+		}
 		re = append(re, encodeKeys(m.keys...)...)
 		re = append(re, m.envelope...)
 		if string(re) != p {
@@ -112,6 +124,8 @@ func FuzzDecodeMessage(f *testing.F) {
 		invalidation{kind: msgValue, version: 3, keys: []string{"a"}, envelope: env}))
 	f.Add(msgBatchOf(1, invalidation{kind: msgKeys, version: 2, keys: []string{""}}))
 	f.Add(string(append(binary.BigEndian.AppendUint64(messageHead(msgKeys, 1), 2), encodeKeys("a")...)))
+	b := msgBatchOf(1, invalidation{kind: msgKeys, version: 2, keys: []string{"a"}})
+	f.Add("B" + b[1:9] + "\x031-0" + b[9:])
 	f.Fuzz(func(t *testing.T, p string) {
 		ms, err := decodeMessage(p)
 		if err != nil {
@@ -120,7 +134,7 @@ func FuzzDecodeMessage(f *testing.F) {
 		if len(ms) == 0 {
 			t.Fatal("accepted a message of no invalidation")
 		}
-		if p[0] != msgBatch {
+		if p[0] != msgBatch && p[0] != msgBatch-msgLogged {
 			if len(ms) != 1 {
 				t.Fatalf("a single message decoded as %d", len(ms))
 			}
@@ -140,7 +154,14 @@ func FuzzDecodeMessage(f *testing.F) {
 				t.Fatal("entries of one message with different origins")
 			}
 		}
-		if re := msgBatchOf(ms[0].origin, ms...); re != p {
+		re := msgBatchOf(ms[0].origin, ms...)
+		if id, identity, _ := logged(p); id != "" {
+			if identity != ident(re) {
+				t.Fatalf("logged(%x) gives identity %x; want %x", p, identity, ident(re))
+			}
+			re = "B" + re[1:9] + string(rune(len(id))) + id + re[9:]
+		}
+		if re != p {
 			t.Fatalf("re-encoding does not round-trip:\n in  %x\n out %x", p, re)
 		}
 	})

@@ -122,7 +122,10 @@ func TestClientKillPubsubWhileWritingFlushesEveryInstance(t *testing.T) {
 	ctx := context.Background()
 	srv := startRedisServer(t)
 	admin := clientOn(t, srv.Addr)
-	cs := newInstances[string](t, 3, dialerOn(t, srv.Addr), Options{})
+	// Without the invalidation log: with it, the gap would be replayed and
+	// "cold" kept, as an out-of-band write may be until LocalTTL (see
+	// TestAGapIsRecoveredFromTheInvalidationLog for lost logged writes).
+	cs := newInstances[string](t, 3, dialerOn(t, srv.Addr), Options{InvalidationLog: -1})
 
 	// Every instance holds "cold" in L1. Then Redis changes without an
 	// invalidation: to the instances, a write whose message was lost.
@@ -227,12 +230,19 @@ func TestRedisRestartInvalidatesL1(t *testing.T) {
 }
 
 func TestStalledSubscriptionIsDetectedByHeartbeat(t *testing.T) {
+	t.Run("replayed", func(t *testing.T) { testStalledSubscription(t, 0) })
+	t.Run("flushed", func(t *testing.T) { testStalledSubscription(t, -1) })
+}
+
+// testStalledSubscription runs TestStalledSubscriptionIsDetectedByHeartbeat
+// with Options.InvalidationLog log.
+func testStalledSubscription(t *testing.T, log time.Duration) {
 	ctx := context.Background()
 	const hb = 50 * time.Millisecond
 	srv := startRedisServer(t)
 	proxy := startProxy(t, srv.Addr)
-	a := newTestCache[string](t, clientOn(t, srv.Addr), Options{HeartbeatInterval: hb})
-	b := newTestCache[string](t, clientOn(t, proxy.Addr), Options{Namespace: a.opts.Namespace, HeartbeatInterval: hb})
+	a := newTestCache[string](t, clientOn(t, srv.Addr), Options{HeartbeatInterval: hb, InvalidationLog: log})
+	b := newTestCache[string](t, clientOn(t, proxy.Addr), Options{Namespace: a.opts.Namespace, HeartbeatInterval: hb, InvalidationLog: log})
 	if err := a.Set(ctx, "k", "before"); err != nil {
 		t.Fatal(err)
 	}
@@ -279,14 +289,19 @@ func TestStalledSubscriptionIsDetectedByHeartbeat(t *testing.T) {
 	waitUntil(t, invWait, "b's rebuilt subscription to heal", b.sub.healthy)
 	mustHoldInL1(t, b, "k", "during the stall")
 	// The message sent during the stall was lost with the stalled
-	// connection; the rebuilt subscription carries the next ones.
-	if got := b.Stats().InvalidationsReceived; got != 1 {
-		t.Fatalf("b received %d invalidations; want 1 (the stalled one is lost)", got)
+	// connection (and, with the log, replayed); the rebuilt subscription
+	// carries the next ones.
+	want := uint64(1)
+	if log == 0 {
+		want = 2
+	}
+	if got := b.Stats().InvalidationsReceived; got != want {
+		t.Fatalf("b received %d invalidations; want %d (the stalled one is lost, and replayed from the log if kept)", got, want)
 	}
 	if err := a.Set(ctx, "k", "after"); err != nil {
 		t.Fatal(err)
 	}
-	awaitReceived(t, b, 2)
+	awaitReceived(t, b, want+1)
 	mustGet(t, b, "k", "after")
 }
 
@@ -451,17 +466,20 @@ func TestInvalidationSoak(t *testing.T) {
 	close(stop)
 	wg.Wait()
 
-	var hits, gaps uint64
+	var hits, gaps, replayed, flushed uint64
 	for i, c := range cs {
 		s := c.Stats()
 		hits += s.LocalHits
 		gaps += s.SubscriptionGaps
+		replayed += s.GapsReplayed
+		flushed += s.GapsFlushed
 		t.Logf("instance %d: %+v", i, s)
 	}
-	t.Logf("soak %v, bound %v (3×%v heartbeat + %v delivery): %d reads (%d from L1, %d errors), %d writes (%d errors), "+
-		"%d kills (%d connections), %d gaps; %d reads stale within the bound (max staleness %v), %d violations",
-		duration, staleBound, heartbeat, deliveryAllowance, reads.Load(), hits, readErrs.Load(), nWrites.Load(), writeErrs.Load(),
-		kills.Load(), killed.Load(), gaps, staleWithinBound.Load(), time.Duration(maxStaleness.Load()), violations.Load())
+	t.Logf("soak %v, bound %v (3×%v heartbeat + %v delivery): %d reads (%d from L1, %.1f%%, %d errors), %d writes (%d errors), "+
+		"%d kills (%d connections), %d gaps (%d replayed, %d flushed); %d reads stale within the bound (max staleness %v), %d violations",
+		duration, staleBound, heartbeat, deliveryAllowance, reads.Load(), hits, 100*float64(hits)/float64(max(reads.Load(), 1)),
+		readErrs.Load(), nWrites.Load(), writeErrs.Load(), kills.Load(), killed.Load(), gaps, replayed, flushed,
+		staleWithinBound.Load(), time.Duration(maxStaleness.Load()), violations.Load())
 	if violations.Load() != 0 {
 		t.Errorf("%d reads saw a version older than one whose Set had returned more than %v before", violations.Load(), staleBound)
 	}
@@ -535,7 +553,7 @@ func TestInvalidationLatencyReport(t *testing.T) {
 			read: func() (string, bool, error) { return getWithSource(b, "k") },
 			seen: make(chan probeRead, 1),
 		}
-		b.sub.add(b.remote.channel, probe)
+		b.sub.add(b.remote.channel, "", probe)
 		if err := a.Set(ctx, "k", "0"); err != nil {
 			t.Fatal(err)
 		}
@@ -594,7 +612,7 @@ func TestInvalidationLatencyReport(t *testing.T) {
 	for i := 1; i <= trials; i++ {
 		want := strconv.Itoa(i)
 		start := time.Now()
-		if err := writeScript.Run(ctx, rawPub, []string{rawKey}, want, 60_000, rawChannel, want, "0").Err(); err != nil {
+		if err := writeScript.Run(ctx, rawPub, []string{rawKey}, want, 60_000, rawChannel, want, "0", "0", -1).Err(); err != nil {
 			t.Fatal(err)
 		}
 		raw := <-rawSeenCh

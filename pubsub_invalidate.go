@@ -71,9 +71,21 @@ type subscriber struct {
 	lastPong atomic.Int64  // UnixNano of the last answer
 	pinging  atomic.Bool   // a ping is being sent
 
-	gaps     atomic.Uint64
-	hbMisses atomic.Uint64
-	flushes  atomic.Uint64
+	// The epoch's values, and what a heal needs to know of the gap it
+	// ends; guarded by stateMu (see invalidation_log.go).
+	epochMax  uint64        // the largest epoch so far: every new one is larger
+	lastEven  uint64        // the epoch before the gap, which a replay restores
+	mustFlush bool          // something since the gap's start calls for a flush (see flush)
+	replaying bool          // a replay or the decision to flush is under way
+	healedAny bool          // the subscription was healthy once
+	gapCount  atomic.Uint64 // calls of gap; messages extend a log position only within one
+
+	gaps       atomic.Uint64
+	hbMisses   atomic.Uint64
+	flushes    atomic.Uint64
+	replayed   atomic.Uint64 // gaps healed by replaying the log
+	replayedN  atomic.Uint64 // log entries applied by replays
+	gapFlushes atomic.Uint64 // gaps healed by a flush
 
 	mu       sync.Mutex // guards ps, psAddr, channels, refs
 	ps       *redis.PubSub
@@ -104,6 +116,8 @@ type clusterMember interface {
 type channelMembers struct {
 	members   []member // replaced, never modified, so readers may keep it
 	confirmed bool
+	log       string // the namespace's invalidation log (see invalidation_log.go)
+	pos       logPos // the last entry of log applied (guarded by mu)
 }
 
 // subscribers holds the subscriber of each Redis client in this process.
@@ -160,6 +174,7 @@ func startSubscriber(client redis.UniversalClient, interval time.Duration, log *
 	}
 	_, s.paths.unknown = client.(*redis.ClusterClient)
 	s.epoch.Store(1) // unhealthy until the first ping is answered
+	s.epochMax = 1
 	s.lastPong.Store(time.Now().UnixNano())
 	s.gapAt = time.Now()
 	s.healed = make(chan struct{})
@@ -188,13 +203,13 @@ func (s *subscriber) stop() {
 	s.wg.Wait()
 }
 
-// add subscribes m to channel.
-func (s *subscriber) add(channel string, m member) {
+// add subscribes m to channel, whose invalidation log is log.
+func (s *subscriber) add(channel, log string, m member) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	cm := s.channels[channel]
 	if cm == nil {
-		cm = &channelMembers{}
+		cm = &channelMembers{log: log}
 		s.channels[channel] = cm
 		if err := s.ps.Subscribe(s.ctx, channel); err != nil {
 			// go-redis may have replaced the connection underneath.
@@ -253,6 +268,7 @@ func (s *subscriber) healedChan() <-chan struct{} {
 func (s *subscriber) gap(reason string, err error) bool {
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
+	s.gapCount.Add(1)
 	s.gapSeq = s.pingSeq.Load()
 	s.resubbed = false
 	s.subDown = true
@@ -268,34 +284,56 @@ func (s *subscriber) open(reason string, err error, attrs ...any) bool {
 	s.gapAt = time.Now()
 	s.healed = make(chan struct{})
 	close(s.broken)
-	s.epoch.Add(1)
+	s.lastEven = s.epoch.Load()
+	s.mustFlush = false
+	s.setEpoch(1)
 	s.gaps.Add(1)
 	s.log.Warn("tiered: invalidation subscription lost; L1 bypassed until it is back",
 		append([]any{"reason", reason, "err", err}, attrs...)...)
 	return true
 }
 
-// closeGap makes the epoch even again once the subscription and every
-// master path (on a cluster, once its masters are known) are healthy.
-// stateMu must be held.
-func (s *subscriber) closeGap() {
-	if s.epoch.Load()&1 == 1 && !s.subDown && s.paths.down == 0 && !s.paths.unknown {
-		s.epoch.Add(1)
-		close(s.healed)
-		s.broken = make(chan struct{})
-		s.log.Info("tiered: invalidation subscription healthy")
+// setEpoch makes the epoch the next value above every one so far of
+// parity odd (1) or even (0). Values never repeat but for a replay's
+// restore of the epoch before its gap (see invalidation_log.go). stateMu
+// must be held.
+func (s *subscriber) setEpoch(odd uint64) {
+	e := s.epochMax + 1
+	if e&1 != odd {
+		e++
 	}
+	s.epochMax = e
+	s.epoch.Store(e)
+}
+
+// closeGap ends the gap once the subscription and every master path (on a
+// cluster, once its masters are known) are healthy: by a replay of the
+// invalidation log where it can, else by a flush (see
+// invalidation_log.go). stateMu must be held.
+func (s *subscriber) closeGap() {
+	if s.epoch.Load()&1 == 0 || s.subDown || s.paths.down != 0 || s.paths.unknown || s.replaying {
+		return
+	}
+	if _, cluster := s.client.(*redis.ClusterClient); cluster {
+		s.healFlushed("the log is not kept on a Redis Cluster")
+		return
+	}
+	s.replaying = true
+	s.wg.Add(1)
+	go s.replay(s.gapCount.Load())
 }
 
 // flush makes every L1 entry filled before it a miss without declaring a
 // gap (no invalidation was lost, but values read before may differ from
-// what Redis now holds). While a gap is open there is nothing to do: its
-// heal bumps the epoch anyway.
+// what Redis now holds). While a gap is open it makes the gap's heal a
+// flush: a replay would restore the epoch of before.
 func (s *subscriber) flush(reason string) {
 	s.stateMu.Lock()
 	defer s.stateMu.Unlock()
 	if s.epoch.Load()&1 == 0 {
-		s.epoch.Add(2)
+		s.setEpoch(0)
+	} else {
+		s.mustFlush = true
 	}
 	s.flushes.Add(1)
 	// Debug, not Warn: a flush is an expected part of recovering (from a
@@ -440,6 +478,7 @@ func (s *subscriber) handle(msg any) {
 		var members []member
 		if cm := s.channels[m.Channel]; cm != nil {
 			members = cm.members
+			cm.pos.advance(m.Payload, s.gapCount.Load())
 		}
 		s.mu.Unlock()
 		for _, x := range members {
@@ -471,6 +510,9 @@ func (s *subscriber) handle(msg any) {
 			cm.confirmed = true
 			for _, x := range cm.members {
 				x.subscribed()
+			}
+			if s.healthy() {
+				s.readTails(s.gapCount.Load(), m.Channel)
 			}
 		}
 	}
@@ -552,6 +594,12 @@ func (s *subscriber) heartbeat() {
 // msgValue, the key and the envelope's length as a uvarint and the
 // envelope. Single writes keep the single formats, which instances of the
 // versions before batches read.
+//
+// A message the script also appended to the namespace's invalidation log
+// (see invalidation_log.go) has its kind byte in upper case and, after its
+// header (kind, id and, but for msgBatch, version), the log entry's ID as
+// one length byte and its text; the log entry itself is the message without
+// ID and envelopes (an entry that carried a value is logged as msgKeys).
 const (
 	msgKeys     = 'k'
 	msgValue    = 'v'
@@ -559,6 +607,8 @@ const (
 	msgBatch    = 'b'
 
 	msgHeader = 17 // kind, origin, version
+
+	msgLogged = 'a' - 'A' // subtracted from a kind: the message carries its log entry's ID
 )
 
 // messageHead returns the kind byte and origin of a message.
@@ -597,6 +647,7 @@ type invalidation struct {
 	kind     byte
 	origin   uint64
 	version  uint64
+	logID    string // the ID of its log entry; "" if it was not logged
 	keys     []string
 	envelope string // msgValue: the new envelope of keys[0]
 }
@@ -604,9 +655,13 @@ type invalidation struct {
 // decodeMessage decodes any message of ours into its invalidations, in
 // the order Redis ran their writes.
 func decodeMessage(p string) ([]invalidation, error) {
-	if len(p) == 0 || p[0] != msgBatch {
+	if len(p) == 0 || p[0] != msgBatch && p[0]+msgLogged != msgBatch {
 		m, err := decodeInvalidation(p)
 		return []invalidation{m}, err
+	}
+	_, _, p = logged(p)
+	if p[0] != msgBatch {
+		return nil, errBadInvalidation
 	}
 	if len(p) < 9 {
 		return nil, errBadInvalidation
@@ -660,7 +715,48 @@ func uvarint(s string) (n uint64, rest string, ok bool) {
 	return n, s[w:], true
 }
 
+// logged returns the log entry ID message p carries, the entry's identity
+// (see ident), and the message without the ID, its kind byte in lower case;
+// if p carries no ID, id is "" and msg is p.
+func logged(p string) (id, identity, msg string) {
+	if len(p) == 0 {
+		return "", "", p
+	}
+	k := p[0] + msgLogged
+	at := msgHeader
+	switch k {
+	case msgKeys, msgValue, msgNotFound:
+	case msgBatch:
+		at = 9
+	default:
+		return "", "", p
+	}
+	if len(p) <= at {
+		return "", "", p
+	}
+	n := int(p[at])
+	if n == 0 || len(p) < at+1+n {
+		return "", "", p
+	}
+	msg = string(k) + p[1:at] + p[at+1+n:]
+	return p[at+1 : at+1+n], ident(msg), msg
+}
+
+// ident returns the identity of a message without log ID (a log entry):
+// its origin and its first version, which an entry of another log with the
+// same ID would not share.
+func ident(msg string) string {
+	switch {
+	case len(msg) >= 18 && msg[0] == msgBatch:
+		return msg[1:9] + msg[10:18]
+	case len(msg) >= msgHeader:
+		return msg[1:msgHeader]
+	}
+	return ""
+}
+
 func decodeInvalidation(p string) (m invalidation, err error) {
+	m.logID, _, p = logged(p)
 	if len(p) < msgHeader || p[0] != msgKeys && p[0] != msgValue && p[0] != msgNotFound {
 		return m, errBadInvalidation
 	}
@@ -679,7 +775,7 @@ func decodeInvalidation(p string) (m invalidation, err error) {
 			break
 		}
 	}
-	if len(m.keys) == 0 || p[0] == msgValue && m.envelope == "" {
+	if len(m.keys) == 0 || m.kind == msgValue && m.envelope == "" {
 		return m, errBadInvalidation
 	}
 	return m, nil

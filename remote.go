@@ -48,8 +48,35 @@ local function be64(v)
   return table.concat(b)
 end
 local function stamp(env, v) return string.sub(env, 1, 2) .. v .. string.sub(env, 11) end
-local function publish(channel, msg) redis.call('PUBLISH', channel, msg) end
+local function logged() return tonumber(ARGV[#ARGV]) >= 0 end
+local function publish(channel, msg, entry)
+  if logged() then
+    local r = redis.pcall('XADD', KEYS[#KEYS], 'MINID', '~', math.floor(clock / 1000) - tonumber(ARGV[#ARGV]), '*', 'm', entry or msg)
+    if type(r) == 'string' then
+      local at = 17
+      if string.byte(msg, 1) == 98 then at = 9 end
+      msg = string.upper(string.sub(msg, 1, 1)) .. string.sub(msg, 2, at) .. string.char(#r) .. r .. string.sub(msg, at + 1)
+    end
+  end
+  redis.call('PUBLISH', channel, msg)
+end
 `
+
+// Every script that publishes an invalidation does it with publish(channel,
+// msg, entry) of versionLua: msg is the message (see encodeInvalidation and
+// msgBatch), entry what the log keeps of it, if that differs: msg without
+// the envelopes it carries (the log holds keys and versions, never values).
+// If the script's last ARGV, the log window in milliseconds, is not
+// negative, the script's last KEYS is the namespace's invalidation log (see
+// invalidation_log.go): publish appends the entry to it, trims the entries
+// older than the window, and puts the entry's ID into the published
+// message, after its header (kind, id and, but for msgBatch, version),
+// with its kind byte made upper case so that a decoder that predates the
+// log rejects the message (and flushes) rather than misreads it. If the log
+// cannot be appended to (a Redis before 6.2, whose XADD has no MINID, or
+// not a stream under its key), the message goes out without an ID, which
+// makes every subscriber flush at its next gap rather than replay.
+// remote.logged adds the two arguments to a call.
 
 // writeScript stores a value and publishes its invalidation in one round
 // trip, atomically: no instance can see the new value in Redis while its
@@ -62,17 +89,22 @@ local v = be64(next_version(KEYS[1]))
 local env = stamp(ARGV[1], v)
 redis.call('SET', KEYS[1], env, 'PX', ARGV[2])
 local msg = ARGV[4] .. v .. ARGV[5]
-if ARGV[6] == '1' then msg = msg .. env end
-publish(ARGV[3], msg)
+if ARGV[6] == '1' then
+  publish(ARGV[3], msg .. env, 'k' .. string.sub(msg, 2))
+else
+  publish(ARGV[3], msg)
+end
 return v`)
 
 // deleteScript deletes keys (all in one slot on a cluster) and publishes one
 // invalidation naming them all, under a version above each key's, which it
 // returns.
 var deleteScript = redis.NewScript(versionLua + `
+local n = #KEYS
+if logged() then n = n - 1 end
 local v = 0
-for _, k in ipairs(KEYS) do v = math.max(v, next_version(k)) end
-redis.call('DEL', unpack(KEYS))
+for i = 1, n do v = math.max(v, next_version(KEYS[i])) end
+redis.call('DEL', unpack(KEYS, 1, n))
 v = be64(v)
 publish(ARGV[1], ARGV[2] .. v .. ARGV[3])
 return v`)
@@ -80,10 +112,11 @@ return v`)
 // batchScript runs the writes of a batch (see writes.go) in order and
 // publishes one msgBatch message naming them all, each under its own
 // version. ARGV[1] is the channel, ARGV[2] the message's head (kind and
-// id), ARGV[3] the number of writes; then five ARGV per write: its op ("s":
+// id), ARGV[3] the number of writes; then six ARGV per write: its op ("s":
 // a Set, "v": a Set whose envelope the message carries, "d": a Delete), its
 // number of keys (taken from KEYS in order; a Set has one), the envelope
-// and PX of a Set, and the entry's tail (see batchEntryTail). The keys are
+// and PX of a Set, the entry's tail (see batchEntryTail), and, for "v", the
+// tail of the entry as the log keeps it (msgKeys, no envelope). The keys are
 // counted, never taken as #KEYS: KEYS and ARGV may hold more after them. A
 // write's version is next_version's, or above the last version this batch
 // gave one of its keys: a Set after a Delete of its key in one batch finds
@@ -94,11 +127,12 @@ return v`)
 var batchScript = redis.NewScript(versionLua + `
 local n = tonumber(ARGV[3])
 local msg = {ARGV[2]}
+local entry = {ARGV[2]}
 local versions = {}
 local last = {}
 local ki = 1
 for i = 0, n - 1 do
-  local a = 4 + i * 5
+  local a = 4 + i * 6
   local op, nk = ARGV[a], tonumber(ARGV[a + 1])
   local v = 0
   for j = ki, ki + nk - 1 do
@@ -112,19 +146,22 @@ for i = 0, n - 1 do
   if op == 'd' then
     redis.call('DEL', unpack(KEYS, ki, ki + nk - 1))
     msg[#msg + 1] = 'k' .. bv .. ARGV[a + 4]
+    entry[#entry + 1] = msg[#msg]
   else
     local env = stamp(ARGV[a + 2], bv)
     redis.call('SET', KEYS[ki], env, 'PX', ARGV[a + 3])
     if op == 'v' then
       msg[#msg + 1] = 'v' .. bv .. ARGV[a + 4] .. env
+      entry[#entry + 1] = 'k' .. bv .. ARGV[a + 5]
     else
       msg[#msg + 1] = 'k' .. bv .. ARGV[a + 4]
+      entry[#entry + 1] = msg[#msg]
     end
   end
   versions[#versions + 1] = bv
   ki = ki + nk
 end
-publish(ARGV[1], table.concat(msg))
+publish(ARGV[1], table.concat(msg), table.concat(entry))
 return versions`)
 
 // fillScript stores a loaded value if the key still holds what the load
@@ -171,8 +208,11 @@ local env = stamp(ARGV[1], v)
 redis.call('SET', KEYS[1], env, 'PX', ARGV[2])
 if waited then
   local msg = ARGV[6] .. v .. ARGV[7]
-  if ARGV[8] == '1' then msg = msg .. env end
-  publish(ARGV[5], msg)
+  if ARGV[8] == '1' then
+    publish(ARGV[5], msg .. env, 'k' .. string.sub(msg, 2))
+  else
+    publish(ARGV[5], msg)
+  end
   return {v, 1}
 end
 return {v, 0}`)
@@ -280,6 +320,19 @@ type remote struct {
 	stats  *counters  // the Cache's
 	queue  writeQueue // the writes of a single node (see writes.go)
 	queues sync.Map   // on a Cluster: hash slot -> *writeQueue
+
+	logKey    string // the namespace's invalidation log (see invalidation_log.go)
+	logWindow int64  // how long it keeps an entry, in ms; -1: no log (disabled, or a Cluster)
+}
+
+// logged returns the KEYS and ARGV of a script that publishes with
+// versionLua's publish: keys, then the log key if there is a log; args, then
+// the window.
+func (r *remote) logged(keys []string, args []any) ([]string, []any) {
+	if r.logWindow >= 0 {
+		keys = append(keys[:len(keys):len(keys)], r.logKey)
+	}
+	return keys, append(args[:len(args):len(args)], r.logWindow)
 }
 
 func (r *remote) key(k string) string { return r.prefix + k }
@@ -351,7 +404,8 @@ func (r *remote) fill(ctx context.Context, key string, env []byte, ttl time.Dura
 	if err := r.allow(br); err != nil {
 		return 0, false, false, err
 	}
-	reply, err := fillScript.Run(ctx, r.client, []string{rkey}, r.fillArgs(env, ttl, mode, held, head, tail, withValue)...).Slice()
+	keys, args := r.logged([]string{rkey}, r.fillArgs(env, ttl, mode, held, head, tail, withValue))
+	reply, err := fillScript.Run(ctx, r.client, keys, args...).Slice()
 	if err == redis.Nil {
 		r.succeeded(br)
 		return 0, false, false, nil
@@ -476,7 +530,8 @@ func (r *remote) release(ctx context.Context, key string, token, head, tail []by
 	if r.allow(br) != nil {
 		return false
 	}
-	n, err := releaseScript.Run(ctx, r.client, []string{rkey}, r.releaseArgs(token, head, tail)...).Int64()
+	keys, args := r.logged([]string{rkey}, r.releaseArgs(token, head, tail))
+	n, err := releaseScript.Run(ctx, r.client, keys, args...).Int64()
 	return r.check(ctx, br, err) == nil && n == 2
 }
 

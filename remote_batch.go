@@ -176,8 +176,8 @@ func (r *remote) fillMany(ctx context.Context, fills []fillCall) []fillReply {
 	replies := make([]fillReply, len(fills))
 	calls := make([]*scriptCall, len(fills))
 	for i, f := range fills {
-		calls[i] = &scriptCall{script: fillScript, keys: []string{r.key(f.key)},
-			args: r.fillArgs(f.env, f.ttl, f.mode, f.held, f.head, f.tail, f.withValue)}
+		keys, args := r.logged([]string{r.key(f.key)}, r.fillArgs(f.env, f.ttl, f.mode, f.held, f.head, f.tail, f.withValue))
+		calls[i] = &scriptCall{script: fillScript, keys: keys, args: args}
 	}
 	for i, res := range r.runBatch(ctx, calls) {
 		reply, err := res.Slice()
@@ -207,7 +207,8 @@ func (r *remote) releaseMany(ctx context.Context, token []byte, releases []relea
 	published := make([]bool, len(releases))
 	calls := make([]*scriptCall, len(releases))
 	for i, rc := range releases {
-		calls[i] = &scriptCall{script: releaseScript, keys: []string{r.key(rc.key)}, args: r.releaseArgs(token, rc.head, rc.tail)}
+		keys, args := r.logged([]string{r.key(rc.key)}, r.releaseArgs(token, rc.head, rc.tail))
+		calls[i] = &scriptCall{script: releaseScript, keys: keys, args: args}
 	}
 	for i, res := range r.runBatch(ctx, calls) { // a lease not released runs out
 		n, err := res.Int64()

@@ -50,14 +50,23 @@ type Stats struct {
 	WriteBatches    uint64 // scripts sent that ran more than one write (each also counts in InvalidationsPublished once, if it succeeded)
 	WritesCoalesced uint64 // writes (Sets, and per slot the keys of a Delete) sent in those scripts; ÷ WriteBatches is the mean batch size
 
-	// SubscriptionGaps, HeartbeatMisses and Flushes belong to the
-	// subscription this Cache shares with the other Caches on its Redis
-	// client, and read the same in all of them; LocalBypassed is this
-	// Cache's own.
-	SubscriptionGaps uint64 // times the subscription was found broken: L1 bypassed until it healed, then flushed
+	// SubscriptionGaps, HeartbeatMisses, Flushes, GapsReplayed,
+	// EntriesReplayed and GapsFlushed belong to the subscription this Cache
+	// shares with the other Caches on its Redis client, and read the same
+	// in all of them; LocalBypassed is this Cache's own.
+	SubscriptionGaps uint64 // times the subscription was found broken: L1 bypassed until it healed (see GapsReplayed, GapsFlushed)
 	HeartbeatMisses  uint64 // gaps found because a heartbeat (a PING, or on a cluster one through a master) did not come back in time
 	Flushes          uint64 // L1 flushes without a gap: Redis answered again after failing (on a cluster, a master whose outage kept too many keys to drop them one by one), or a cluster's masters changed
-	LocalBypassed    uint64 // L1 misses caused by an unhealthy subscription (this Cache)
+	// Gaps healed by replaying the invalidation log (Options.InvalidationLog):
+	// L1 kept what it held before the gap.
+	GapsReplayed    uint64
+	EntriesReplayed uint64 // log entries those replays applied (each an invalidation the gap had lost, or a duplicate of one that arrived)
+	// Gaps healed by a flush: no log (disabled, a Cluster, never written),
+	// the log trimmed past the position or replaced, another Redis server
+	// (restart, failover), or Redis answered again after failing during
+	// the gap. Logged at Info with the reason.
+	GapsFlushed   uint64
+	LocalBypassed uint64 // L1 misses caused by an unhealthy subscription (this Cache)
 }
 
 // counters are the live counters behind Stats.

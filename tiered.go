@@ -62,6 +62,8 @@ func newCache[V any](opts Options, clk *clock, releaseClk func()) (*Cache[V], er
 			client:       opts.Redis,
 			prefix:       opts.Namespace + ":",
 			channel:      "tiered:inv:" + opts.Namespace,
+			logKey:       "tiered:log:" + opts.Namespace,
+			logWindow:    opts.InvalidationLog.Milliseconds(),
 			waitReplicas: opts.WaitReplicas,
 			waitTimeout:  opts.WaitTimeout,
 		},
@@ -93,7 +95,11 @@ func newCache[V any](opts Options, clk *clock, releaseClk func()) (*Cache[V], er
 		releaseClk()
 		return nil, fmt.Errorf("%w: %w", ErrInvalidOption, err)
 	}
-	c.sub.add(c.remote.channel, c)
+	log := c.remote.logKey
+	if c.remote.logWindow < 0 {
+		log = "" // no position: gaps flush
+	}
+	c.sub.add(c.remote.channel, log, c)
 	return c, nil
 }
 
@@ -458,6 +464,9 @@ func (c *Cache[V]) Stats() Stats {
 		SubscriptionGaps:       c.sub.gaps.Load(),
 		HeartbeatMisses:        c.sub.hbMisses.Load(),
 		Flushes:                c.sub.flushes.Load(),
+		GapsReplayed:           c.sub.replayed.Load(),
+		EntriesReplayed:        c.sub.replayedN.Load(),
+		GapsFlushed:            c.sub.gapFlushes.Load(),
 		LocalBypassed:          s.bypassed.Load(),
 	}
 }

@@ -295,18 +295,19 @@ func (r *remote) writeCall(ps []*writePart) *scriptCall {
 	if len(ps) == 1 {
 		p := ps[0]
 		if p.env == nil {
-			return &scriptCall{script: deleteScript, keys: r.keys(p.names),
-				args: []any{r.channel, messageHead(msgKeys, r.origin), encodeKeys(p.names...)}, names: p.names}
+			keys, args := r.logged(r.keys(p.names), []any{r.channel, messageHead(msgKeys, r.origin), encodeKeys(p.names...)})
+			return &scriptCall{script: deleteScript, keys: keys, args: args, names: p.names}
 		}
 		with := "0"
 		if p.kind == msgValue {
 			with = "1"
 		}
-		return &scriptCall{script: writeScript, keys: []string{r.key(p.names[0])},
-			args: []any{p.env, p.ttl, r.channel, messageHead(p.kind, r.origin), encodeKeys(p.names[0]), with}}
+		keys, args := r.logged([]string{r.key(p.names[0])},
+			[]any{p.env, p.ttl, r.channel, messageHead(p.kind, r.origin), encodeKeys(p.names[0]), with})
+		return &scriptCall{script: writeScript, keys: keys, args: args}
 	}
 	c := &scriptCall{script: batchScript}
-	c.args = append(make([]any, 0, 3+5*len(ps)), r.channel, messageHead(msgBatch, r.origin), len(ps))
+	c.args = append(make([]any, 0, 4+6*len(ps)), r.channel, messageHead(msgBatch, r.origin), len(ps))
 	for _, p := range ps {
 		c.names = append(c.names, p.names...)
 		op, kind := "d", byte(msgKeys)
@@ -316,9 +317,13 @@ func (r *remote) writeCall(ps []*writePart) *scriptCall {
 		case p.env != nil:
 			op = "s"
 		}
-		c.args = append(c.args, op, len(p.names), p.env, p.ttl, batchEntryTail(kind, p.names, len(p.env)))
+		var logTail []byte
+		if kind == msgValue {
+			logTail = batchEntryTail(msgKeys, p.names, 0)
+		}
+		c.args = append(c.args, op, len(p.names), p.env, p.ttl, batchEntryTail(kind, p.names, len(p.env)), logTail)
 	}
-	c.keys = r.keys(c.names)
+	c.keys, c.args = r.logged(r.keys(c.names), c.args)
 	return c
 }
 
