@@ -260,8 +260,8 @@ func (l *local[V]) beginAt(key string, version uint64) (ticket, bool) {
 // set stores e, filled under ticket t, for its key. If wait (a value
 // loaded while Redis failed), it hands e to ristretto and waits until
 // ristretto has applied it, so that it outlives the fill buffer (unless
-// ristretto's admission policy rejected it, which it does only when L1 is
-// full). Otherwise e goes to the fill buffer, where the next get already
+// the policy evicted it since, which it does only when L1 is full).
+// Otherwise e goes to the fill buffer, where the next get already
 // finds it.
 func (l *local[V]) set(t ticket, e *entry[V], wait bool) {
 	e.check, e.gen, e.epoch = t.check, t.gen, t.epoch
