@@ -38,9 +38,10 @@ type entry[V any] struct {
 
 	// The eviction policy's: hits since the entry was admitted or last
 	// passed over (at most freqMax; raised by hits, see hit), and which
-	// queue holds it (under the policy's lock).
+	// queue holds it, in which slot (under the policy's lock).
 	where uint8
 	freq  atomic.Int32
+	slot  int
 
 	// Read by GetOrLoad hits: from when the value is refreshed (see
 	// refresh.go); nil if never. A hit that starts a refresh moves it on,

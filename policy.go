@@ -133,9 +133,9 @@ func (p *policy[V]) evict(victims []uint64) []uint64 {
 }
 
 // fifo is a queue of entries. An entry leaves it by pop, or by remove,
-// which leaves its slot behind: a slot is the entry's only while the entry
-// says it is in this queue (where == id). Slots left behind are skipped by
-// pop, and compacted away once they are half the queue.
+// which clears the entry's slot (entry.slot) so that the queue keeps no
+// value alive that ristretto let go of; cleared slots are skipped by pop,
+// and compacted away once they are half the queue.
 type fifo[V any] struct {
 	id    uint8
 	slots []fifoSlot[V]
@@ -146,11 +146,11 @@ type fifo[V any] struct {
 
 type fifoSlot[V any] struct {
 	h uint64
-	e *entry[V]
+	e *entry[V] // nil once the entry left
 }
 
 func (q *fifo[V]) push(h uint64, e *entry[V]) {
-	e.where = q.id
+	e.where, e.slot = q.id, len(q.slots)
 	q.live++
 	q.bytes += e.cost
 	q.slots = append(q.slots, fifoSlot[V]{h, e})
@@ -161,9 +161,8 @@ func (q *fifo[V]) push(h uint64, e *entry[V]) {
 func (q *fifo[V]) pop() (uint64, *entry[V]) {
 	for {
 		s := q.slots[q.head]
-		q.slots[q.head] = fifoSlot[V]{}
 		q.head++
-		if s.e.where == q.id {
+		if s.e != nil {
 			q.remove(s.e)
 			return s.h, s.e
 		}
@@ -171,32 +170,28 @@ func (q *fifo[V]) pop() (uint64, *entry[V]) {
 }
 
 func (q *fifo[V]) remove(e *entry[V]) {
+	q.slots[e.slot] = fifoSlot[V]{}
 	e.where = inNone
 	q.live--
 	q.bytes -= e.cost
 	q.compact()
 }
 
-// compact drops the slots left behind once they are more than half the
-// queue, and the popped ones once they are half the slice: memory stays
-// within twice a slot per entry.
+// compact drops the cleared slots once they are more than half the queue,
+// and the popped ones once they are half the slice: memory stays within
+// two slots per entry.
 func (q *fifo[V]) compact() {
 	n := len(q.slots) - q.head
-	if n > 2*q.live+64 {
+	if n > 2*q.live+64 || q.head > 64 && q.head > n {
 		kept := q.slots[:0]
 		for _, s := range q.slots[q.head:] {
-			if s.e.where == q.id {
+			if s.e != nil {
+				s.e.slot = len(kept)
 				kept = append(kept, s)
 			}
 		}
 		clear(q.slots[len(kept):])
 		q.slots, q.head = kept, 0
-		return
-	}
-	if q.head > 64 && q.head > n {
-		m := copy(q.slots, q.slots[q.head:])
-		clear(q.slots[m:])
-		q.slots, q.head = q.slots[:m], 0
 	}
 }
 

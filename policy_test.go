@@ -93,7 +93,7 @@ func TestCloneCopiesEveryFieldButThePolicys(t *testing.T) {
 	for i := range v.NumField() {
 		f := v.Field(i)
 		switch name := v.Type().Field(i).Name; {
-		case name == "where" || name == "freq":
+		case name == "where" || name == "freq" || name == "slot":
 		default:
 			f = reflect.NewAt(f.Type(), f.Addr().UnsafePointer()).Elem()
 			switch f.Kind() {
@@ -118,9 +118,38 @@ func TestCloneCopiesEveryFieldButThePolicys(t *testing.T) {
 	if c.where != inNone || c.freq.Load() != 0 {
 		t.Error("the clone carries the policy's fields")
 	}
-	c.where = e.where
+	c.where, c.slot = e.where, e.slot
 	c.freq.Store(e.freq.Load())
 	if !reflect.DeepEqual(c, e) {
 		t.Errorf("clone %+v differs from %+v", c, e)
+	}
+}
+
+// An entry ristretto let go of (replaced, deleted, rejected) is no longer
+// referenced by the policy's queues: they must not keep its value alive
+// beyond the budget. And an entry counted again after it left is counted
+// once.
+func TestThePolicyLetsGoOfEntriesThatLeft(t *testing.T) {
+	p := newPolicy[string](1<<20, func(uint64, *entry[string]) bool { return false })
+	a := &entry[string]{value: "a", cost: 100}
+	p.admit(1, a, nil)
+	p.exit(a)
+	for _, s := range p.small.slots {
+		if s.e == a {
+			t.Fatal("the small queue still references an entry that left")
+		}
+	}
+	p.admit(1, a, nil)
+	p.admit(2, &entry[string]{value: "b", cost: 100}, nil)
+	if p.small.live != 2 || p.small.bytes != 200 {
+		t.Fatalf("small queue counts %d entries, %d bytes; want 2, 200", p.small.live, p.small.bytes)
+	}
+	popped := 0
+	for p.small.live > 0 {
+		p.small.pop()
+		popped++
+	}
+	if popped != 2 {
+		t.Errorf("popped %d entries; want 2", popped)
 	}
 }
