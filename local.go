@@ -36,10 +36,13 @@ type entry[V any] struct {
 	epoch    uint64 // the subscription epoch when its fill began
 	notFound bool   // a remembered ErrNotFound
 
-	// The eviction policy's: hits since the entry was admitted or last
-	// passed over (at most freqMax; raised by hits, see hit), and which
-	// queue holds it, in which slot (under the policy's lock).
+	// The eviction policy's: which queue holds it, the Sets that stored
+	// it minus ristretto's reports of it gone (see policy), hits since it
+	// was admitted or last passed over (at most freqMax; raised by hits,
+	// see hit), and its slot in its queue. All but freq under the
+	// policy's lock.
 	where uint8
+	sets  int8
 	freq  atomic.Int32
 	slot  int
 

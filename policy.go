@@ -26,14 +26,19 @@ import "sync"
 // A hit costs an atomic load of the entry's freq, already in the CPU cache
 // for the ticket check, and an add only while freq < freqMax.
 //
-// The policy counts an entry from the Set that stored it until ristretto
-// reports it gone (OnExit: replaced, deleted or rejected) or the policy
-// evicts it. It never counts what ristretto does not hold for longer than
-// that, so memory stays within the budget; ristretto may report a rejection
-// before the policy counted the entry, which then counts it until it is
-// evicted in turn: budget lost for a while, never exceeded. Whatever an
-// eviction's Del removes is reported by OnExit, so a Del that races a newer
-// Set of the same key costs that value (a miss), never the accounting.
+// The policy counts an entry while the Sets that stored it in ristretto
+// outnumber ristretto's reports of it gone (OnExit: replaced, deleted or
+// rejected; one per Set that returned true), unless it evicted it. The
+// count, entry.sets, is needed because the report can come first: a Del of
+// the key (an invalidation, or another fill's eviction) or a rejection of
+// the buffered Set can land between the Set and admit. Counting the entry
+// then would count a value ristretto let go of until it came up for
+// eviction: budget lost and memory kept for nothing (8,000 Sets racing
+// Dels of four keys left 138 entries counted, 4 held; see
+// TestThePolicyCountsASetThatRacesADel).
+// Whatever an eviction's Del removes is reported by OnExit, so a Del that
+// races a newer Set of the same key costs that value (a miss), never the
+// accounting.
 type policy[V any] struct {
 	max      int64 // the budget, in entry costs
 	smallMax int64 // the small queue's share
@@ -71,16 +76,17 @@ func hit[V any](e *entry[V]) {
 	}
 }
 
-// admit counts e, the entry of the key with hash h that a Set just stored,
-// and appends to victims (returned) the hashes of what must go to keep L1
+// admit counts e, the entry of the key with hash h that a Set just stored
+// (it returned true), unless ristretto reported it gone since, and appends to victims (returned) the hashes of what must go to keep L1
 // within its budget, for the caller to Del from the store (outside the
 // policy's lock: Del reports to exit). An entry counted already is not
 // counted again.
 func (p *policy[V]) admit(h uint64, e *entry[V], victims []uint64) []uint64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if e.where != inNone {
-		return victims
+	e.sets++
+	if e.sets <= 0 || e.where != inNone {
+		return victims // reported gone already, or counted already
 	}
 	e.freq.Store(0)
 	if p.ghost.take(h) {
@@ -94,14 +100,18 @@ func (p *policy[V]) admit(h uint64, e *entry[V], victims []uint64) []uint64 {
 	return victims
 }
 
-// exit uncounts e, which ristretto no longer holds (e may be nil: Del
-// reports the zero value when the key was not stored).
+// exit uncounts e, which ristretto reports gone, unless a later Set stored
+// it again (e may be nil: Del reports the zero value when the key was not
+// stored).
 func (p *policy[V]) exit(e *entry[V]) {
 	if e == nil {
 		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if e.sets--; e.sets > 0 {
+		return // stored again since
+	}
 	switch e.where {
 	case inSmall:
 		p.small.remove(e)

@@ -93,7 +93,7 @@ func TestCloneCopiesEveryFieldButThePolicys(t *testing.T) {
 	for i := range v.NumField() {
 		f := v.Field(i)
 		switch name := v.Type().Field(i).Name; {
-		case name == "where" || name == "freq" || name == "slot":
+		case name == "where" || name == "freq" || name == "slot" || name == "sets":
 		default:
 			f = reflect.NewAt(f.Type(), f.Addr().UnsafePointer()).Elem()
 			switch f.Kind() {
@@ -118,7 +118,7 @@ func TestCloneCopiesEveryFieldButThePolicys(t *testing.T) {
 	if c.where != inNone || c.freq.Load() != 0 {
 		t.Error("the clone carries the policy's fields")
 	}
-	c.where, c.slot = e.where, e.slot
+	c.where, c.slot, c.sets = e.where, e.slot, e.sets
 	c.freq.Store(e.freq.Load())
 	if !reflect.DeepEqual(c, e) {
 		t.Errorf("clone %+v differs from %+v", c, e)
