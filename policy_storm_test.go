@@ -2,7 +2,10 @@ package tiered
 
 import (
 	"context"
+	"fmt"
+	"math"
 	"math/rand/v2"
+	"runtime"
 	"strconv"
 	"sync"
 	"testing"
@@ -145,4 +148,65 @@ func TestThePolicyCountsASetThatRacesADel(t *testing.T) {
 	}
 	wg.Wait()
 	policyHolds(t, "L1", c, keys)
+}
+
+// LocalMaxBytes bounds the live heap under updates too: values replaced
+// over and over (fills, writes kept with their version, invalidations that
+// drop entries, fills while Redis fails, that wait for ristretto, and
+// entries that expire unread) keep no replaced value alive beyond the
+// budget.
+func TestLocalMaxBytesBoundsTheLiveHeapUnderUpdates(t *testing.T) {
+	const maxBytes = 8 << 20
+	_, rdb := newMiniredis(t)
+	c := newCoreCache[[]byte](t, rdb, Options{LocalMaxBytes: maxBytes})
+	value := func(i, round int) []byte { return []byte(fmt.Sprintf("%01000d", i*10+round)) }
+	const n = 8000 // about half of them fit
+	before := liveHeap()
+	var version uint64
+	for round := range 6 {
+		for i := range n {
+			k := "k" + strconv.Itoa(i)
+			switch (i + round) % 6 {
+			case 0: // a write of this instance, kept under its version
+				version++
+				_, d, _ := c.codec.roundTrip(value(i, round))
+				e := c.entry(k, d, false, 0, time.Hour, math.MaxInt64, version)
+				c.local.wrote(c.local.begin(k), e)
+			case 1: // an invalidation of another instance's write, with the new value
+				version++
+				_, d, _ := c.codec.roundTrip(value(i, round))
+				c.local.heard(k, version, func() *entry[[]byte] {
+					return c.entry(k, d, false, 0, time.Hour, math.MaxInt64, version)
+				})
+			case 2:
+				c.local.invalidate(k)
+			case 3: // a fill while Redis failed: handed to ristretto at once
+				_, d, _ := c.codec.roundTrip(value(i, round))
+				c.keep(k, c.local.begin(k), d, false, 0, time.Hour, math.MaxInt64, 0, true)
+			case 4: // expires at once, and nobody reads it again
+				_, d, _ := c.codec.roundTrip(value(i, round))
+				c.keep(k, c.local.begin(k), d, false, 0, time.Nanosecond, math.MaxInt64, 0, false)
+			default:
+				fillL1(t, c, k, value(i, round))
+			}
+		}
+	}
+	settleL1(c)
+	grown := liveHeap() - before
+	kept := 0
+	for i := range n {
+		if _, ok := c.local.store.Get(c.local.hash("k" + strconv.Itoa(i))); ok {
+			kept++
+		}
+	}
+	t.Logf("live heap grew %.2f MiB (%.3f × LocalMaxBytes), %d entries kept", float64(grown)/(1<<20), float64(grown)/maxBytes, kept)
+	if limit := int64(1.125*maxBytes) + 2<<20; grown > limit {
+		t.Errorf("live heap grew %d bytes, over 1.125 × LocalMaxBytes + 2 MiB = %d", grown, limit)
+	}
+	keys := make([]string, n)
+	for i := range keys {
+		keys[i] = "k" + strconv.Itoa(i)
+	}
+	policyHolds(t, "L1", c, keys)
+	runtime.KeepAlive(c)
 }
