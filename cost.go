@@ -28,10 +28,12 @@ const (
 )
 
 // entryOverhead is what an L1 entry costs beyond its value's out-of-line
-// memory: the entry (which holds V itself, see entryCost), ristretto's
-// item in its store shard map and its cost in the policy's map. Measured
-// with TestLocalMaxBytesBoundsTheLiveHeap.
-const entryOverhead = 144
+// memory and the entry itself (which holds V, see entryCost): ristretto's
+// item in its store shard map and its cost in its policy's map (144
+// bytes), and the eviction policy's share (88: a slot in its queue, and a
+// hash in the ghost, each with their slack). Measured with
+// TestLocalMaxBytesBoundsTheLiveHeap.
+const entryOverhead = 144 + 88
 
 // entryCost returns what the entry of v costs in L1: the estimate of v's
 // memory (or Options.Cost's), plus the entry itself and ristretto's share.

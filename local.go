@@ -25,24 +25,6 @@ func genSlots(maxBytes int64) int {
 	return n
 }
 
-// admissionCounters returns the number of ristretto's admission counters
-// for an L1 of maxBytes: one per 128 bytes, rounded down to a power of two
-// (at least 1024). ristretto rounds its count-min sketch up to a power of
-// two (4 rows of 4-bit counters: 2 bytes per counter) and sizes its
-// doorkeeper bloom filter by the same number (~10 bits per counter, rounded
-// up to a power of two: up to 2 bytes); so an L1 spends up to 4 bytes per
-// counter, 3% of maxBytes. That is 3 to 4 counters per entry of ~500
-// bytes, fewer than the 10 ristretto suggests: more made a Zipf workload's
-// hit ratio better by about a point per doubling (see BenchmarkL1Zipf), at
-// 3% of the budget per doubling.
-func admissionCounters(maxBytes int64) int64 {
-	n := int64(1024)
-	for n*2*128 <= maxBytes {
-		n *= 2
-	}
-	return n
-}
-
 // entry is what L1 stores: the decoded value and what is needed to decide,
 // without touching anything else, whether it may still be served.
 type entry[V any] struct {
@@ -53,6 +35,16 @@ type entry[V any] struct {
 	gen      uint64 // the key's slot generation when its fill began
 	epoch    uint64 // the subscription epoch when its fill began
 	notFound bool   // a remembered ErrNotFound
+
+	// The eviction policy's: which queue holds it, the Sets that stored
+	// it minus ristretto's reports of it gone (see policy), hits since it
+	// was admitted or last passed over (at most freqMax; raised by hits,
+	// see hit), and its slot in its queue. All but freq under the
+	// policy's lock.
+	where uint8
+	sets  int8
+	freq  atomic.Int32
+	slot  int
 
 	// Read by GetOrLoad hits: from when the value is refreshed (see
 	// refresh.go); nil if never. A hit that starts a refresh moves it on,
@@ -67,6 +59,14 @@ type entry[V any] struct {
 	fenced  bool   // kept by wrote or heard, under a generation of its own
 	version uint64 // the version Redis gave the value; 0 if it has none
 	cost    int64  // what it is charged in L1
+}
+
+// clone returns a copy of e that the policy has not seen (the policy's
+// fields are its own, and freq is written by hits concurrently).
+func (e *entry[V]) clone() *entry[V] {
+	return &entry[V]{value: e.value, check: e.check, expires: e.expires, gen: e.gen, epoch: e.epoch,
+		notFound: e.notFound, refreshAt: e.refreshAt, staleUntil: e.staleUntil,
+		fenced: e.fenced, version: e.version, cost: e.cost}
 }
 
 // ticket records the state of the world when a fill of a key began. The
@@ -84,7 +84,7 @@ type ticket struct {
 // taken. Odd epochs mean unhealthy (see subscriber).
 func (t ticket) healthy() bool { return t.epoch&1 == 0 }
 
-// local is L1: decoded values in ristretto, bounded in bytes.
+// local is L1: decoded values in ristretto, bounded in bytes by policy.
 //
 // ristretto buffers the Set of a new key, may drop or reject it, keeps the
 // older of two buffered Sets of one key, and can resurrect a key for a moment
@@ -102,6 +102,7 @@ func (t ticket) healthy() bool { return t.epoch&1 == 0 }
 // would cost a cache miss on the stored key's bytes.
 type local[V any] struct {
 	store  *ristretto.Cache[uint64, *entry[V]]
+	policy *policy[V]
 	clock  *clock
 	epoch  *atomic.Uint64 // owned by the subscriber; odd while unhealthy
 	seed   [2]maphash.Seed
@@ -125,20 +126,32 @@ type local[V any] struct {
 	closing atomic.Bool
 }
 
+// storeMaxCost is ristretto's MaxCost: out of reach, so that its own policy
+// never evicts or rejects an entry (policy does, within L1's budget).
+const storeMaxCost = 1 << 62
+
+// storeCounters is the number of ristretto's admission counters: the
+// fewest it takes, since its admission never decides anything (see
+// storeMaxCost); ristretto still counts every Get in them.
+const storeCounters = 1024
+
 func newLocal[V any](maxBytes int64, clk *clock, epoch *atomic.Uint64) (*local[V], error) {
+	slots := genSlots(maxBytes)
+	l := &local[V]{clock: clk, epoch: epoch,
+		gens: make([]atomic.Uint64, slots), newest: make([]atomic.Uint64, slots)}
+	l.policy = newPolicy(maxBytes, l.unservable)
 	store, err := ristretto.NewCache(&ristretto.Config[uint64, *entry[V]]{
-		NumCounters:        admissionCounters(maxBytes),
-		MaxCost:            maxBytes,
+		NumCounters:        storeCounters,
+		MaxCost:            storeMaxCost,
 		BufferItems:        64,
 		IgnoreInternalCost: true, // entryCost accounts for it
 		KeyToHash:          func(h uint64) (uint64, uint64) { return h, 0 },
+		OnExit:             l.policy.exit,
 	})
 	if err != nil {
 		return nil, err
 	}
-	slots := genSlots(maxBytes)
-	l := &local[V]{store: store, clock: clk, epoch: epoch,
-		gens: make([]atomic.Uint64, slots), newest: make([]atomic.Uint64, slots)}
+	l.store = store
 	l.seed = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
 	// Fills waiting for ristretto are not in its cost: keep them, and the
 	// batch handed over last, to an eighth of it.
@@ -177,6 +190,7 @@ func (l *local[V]) get(key string) (*entry[V], bool) {
 		gen, epoch, now := l.gen(h).Load(), l.epoch.Load(), l.clock.now()
 		e, ok := l.store.Get(h)
 		if ok && e.gen == gen && e.epoch == epoch && e.expires > now && e.check == l.check(key) {
+			hit(e)
 			r.hits.Add(1)
 			return e, true
 		}
@@ -185,6 +199,7 @@ func (l *local[V]) get(key string) (*entry[V], bool) {
 			l.hand(batch)
 		}
 		if ok && e.gen == gen && e.epoch == epoch && e.expires > now && e.check == l.check(key) {
+			hit(e)
 			r.hits.Add(1)
 			return e, true
 		}
@@ -249,8 +264,8 @@ func (l *local[V]) beginAt(key string, version uint64) (ticket, bool) {
 // set stores e, filled under ticket t, for its key. If wait (a value
 // loaded while Redis failed), it hands e to ristretto and waits until
 // ristretto has applied it, so that it outlives the fill buffer (unless
-// ristretto's admission policy rejected it, which it does only when L1 is
-// full). Otherwise e goes to the fill buffer, where the next get already
+// the policy evicted it since, which it does only when L1 is full).
+// Otherwise e goes to the fill buffer, where the next get already
 // finds it.
 func (l *local[V]) set(t ticket, e *entry[V], wait bool) {
 	e.check, e.gen, e.epoch = t.check, t.gen, t.epoch
@@ -268,7 +283,7 @@ func (l *local[V]) put(h uint64, e *entry[V]) {
 	l.fills.drop(h)
 	l.mu.RLock()
 	defer l.mu.RUnlock()
-	if l.closed || !l.store.Set(h, e, e.cost) {
+	if l.closed || !l.setStored(h, e) {
 		return
 	}
 	l.store.Wait()
@@ -277,8 +292,29 @@ func (l *local[V]) put(h uint64, e *entry[V]) {
 	// began before this write). Now the key is stored, and a Set of a
 	// stored key applies at once.
 	if got, found := l.store.Get(h); found && got != e {
-		l.store.Set(h, e, e.cost)
+		l.setStored(h, e)
 	}
+}
+
+// setStored Sets e in ristretto for the key with hash h, has the policy
+// count it and Dels what the policy evicts for it. l.mu must be held for
+// reading, and l not closed.
+func (l *local[V]) setStored(h uint64, e *entry[V]) bool {
+	if !l.store.Set(h, e, e.cost) {
+		return false
+	}
+	var buf [4]uint64
+	for _, v := range l.policy.admit(h, e, buf[:0]) {
+		l.store.Del(v)
+	}
+	return true
+}
+
+// unservable reports whether e, stored for the key with hash h, can never
+// be served again, not even as stale: the policy frees its memory first.
+func (l *local[V]) unservable(h uint64, e *entry[V]) bool {
+	now := l.clock.last()
+	return e.gen != l.gen(h).Load() || e.epoch != l.epoch.Load() || e.expires <= now && e.staleUntil <= now
 }
 
 // storeLocks is the number of locks that serialize wrote and heard for
@@ -371,8 +407,7 @@ func (l *local[V]) settle(h, check, version uint64, own bool, candidate func(hel
 	t.gen = l.gen(h).Add(1)
 	var e *entry[V]
 	if cur != nil && cur.version > version {
-		kept := *cur
-		e = &kept
+		e = cur.clone()
 	} else {
 		e = candidate(held)
 	}
@@ -442,7 +477,7 @@ func (l *local[V]) handOne(h uint64, e *entry[V]) {
 	l.mu.RLock() // after the key's lock, as in settle
 	defer l.mu.RUnlock()
 	if !l.closed && e.gen == l.gen(h).Load() && e.epoch == l.epoch.Load() {
-		l.store.Set(h, e, e.cost)
+		l.setStored(h, e)
 	}
 }
 

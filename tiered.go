@@ -277,8 +277,8 @@ func (c *Cache[V]) loadRead(key string, t ticket, load func(ctx context.Context,
 // Set stores v under key in Redis and in this instance's L1, and tells every
 // other instance to drop key from its L1 (or, for a small value, to replace
 // it with v). When Set returns nil, a Get on
-// this instance returns v (from L1, unless its admission policy rejected
-// it, which happens only when L1 is full, or a newer write of key reached
+// this instance returns v (from L1, unless L1's policy evicted it for
+// newer entries, which happens only when L1 is full, or a newer write of key reached
 // this instance first) and other instances drop their old value as soon as
 // the invalidation reaches them. Every tier of every instance returns v as
 // the Codec reads it back (see Codec). If Redis fails, Set returns an error
