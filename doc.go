@@ -22,7 +22,12 @@
 // A write (Set, Delete) changes Redis and publishes an invalidation in one
 // atomic script; every other instance drops the key from its L1 when the
 // message arrives, or, if a Set's small value came with it, replaces the
-// old value with it.
+// old value with it. Writes are group-committed: those that arrive while a
+// write of the same queue (the Cache; on a cluster, the hash slot) is on
+// the wire go together next, as one script publishing one message, each
+// under its own version, so a fleet's Redis delivers fewer messages; a
+// lone write is sent at once. The script also appends the invalidation to
+// the namespace's log, from which an instance recovers a subscription gap.
 //
 // # Batch reads
 //
@@ -112,8 +117,11 @@
 //
 // Options.Redis may be a *redis.Client (single node or Sentinel) or a
 // *redis.ClusterClient. On a cluster, Delete groups keys by slot and runs
-// each master's part concurrently, the subscription may sit on any node
-// (Redis forwards every PUBLISH), values are not sent with invalidations by
+// each master's part concurrently, the subscription sits on the master of
+// a random slot, through that master's own client, so that a fleet's
+// subscriptions stay spread over the masters (Redis forwards every
+// PUBLISH to every node), there is no invalidation log (a script touches
+// one slot only, so gaps flush), values are not sent with invalidations by
 // default, and a change of masters flushes L1. The 4 × HeartbeatInterval
 // bound holds for every path a message can take: a heartbeat published
 // through each master must come back, or that is a gap. Each master has
