@@ -112,6 +112,7 @@ type advConn struct {
 	deadline atomic.Int64 // read deadline, UnixNano; 0 if none
 	closed   chan struct{}
 	once     sync.Once
+	pending  []byte // read while held, delivered once the hold ends (Read's goroutine only)
 }
 
 func (c *advConn) Close() error {
@@ -162,18 +163,53 @@ func (c *advConn) Write(p []byte) (int, error) {
 }
 
 func (c *advConn) Read(p []byte) (int, error) {
+	for {
+		if err := c.awaitUnheld(); err != nil {
+			return 0, err
+		}
+		if len(c.pending) > 0 {
+			n := copy(p, c.pending)
+			c.pending = c.pending[n:]
+			return n, nil
+		}
+		n, err := c.Conn.Read(p)
+		if n > 0 && err == nil && c.pubsub.Load() && c.isHeld() {
+			// It arrived while held (the read was under way when the hold
+			// began): a stalled link delivers nothing, so hold it too.
+			c.pending = append(c.pending, p[:n]...)
+			continue
+		}
+		if n > 0 && c.pubsub.Load() && c.n.stallAfterPong.Load() && bytes.Contains(p[:n], []byte("pong")) &&
+			c.n.stallAfterPong.CompareAndSwap(true, false) {
+			// The subscription dies silently right after this heartbeat answer.
+			c.n.hold()
+			c.n.stalledAt <- time.Now()
+		}
+		return n, err
+	}
+}
+
+func (c *advConn) isHeld() bool {
+	c.n.mu.Lock()
+	defer c.n.mu.Unlock()
+	return c.n.held
+}
+
+// awaitUnheld blocks while pub/sub reads are held, or until the read
+// deadline or the connection's close.
+func (c *advConn) awaitUnheld() error {
 	for c.pubsub.Load() {
 		c.n.mu.Lock()
 		held, ch := c.n.held, c.n.heldCh
 		c.n.mu.Unlock()
 		if !held {
-			break
+			return nil
 		}
 		var timeout <-chan time.Time
 		if dl := c.deadline.Load(); dl != 0 {
 			d := time.Until(time.Unix(0, dl))
 			if d <= 0 {
-				return 0, os.ErrDeadlineExceeded
+				return os.ErrDeadlineExceeded
 			}
 			tm := time.NewTimer(d)
 			timeout = tm.C
@@ -182,19 +218,12 @@ func (c *advConn) Read(p []byte) (int, error) {
 		select {
 		case <-ch:
 		case <-c.closed:
-			return 0, net.ErrClosed
+			return net.ErrClosed
 		case <-timeout:
-			return 0, os.ErrDeadlineExceeded
+			return os.ErrDeadlineExceeded
 		}
 	}
-	n, err := c.Conn.Read(p)
-	if n > 0 && c.pubsub.Load() && c.n.stallAfterPong.Load() && bytes.Contains(p[:n], []byte("pong")) &&
-		c.n.stallAfterPong.CompareAndSwap(true, false) {
-		// The subscription dies silently right after this heartbeat answer.
-		c.n.hold()
-		c.n.stalledAt <- time.Now()
-	}
-	return n, err
+	return nil
 }
 
 // replyGate holds back, from its caller, the reply of the first successful

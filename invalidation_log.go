@@ -29,7 +29,9 @@ import (
 // arrive in the order of their IDs, and extend it only within the healthy
 // spell it was read in (gapCount); it is read, with the server's run_id,
 // from the log's tail once the channel's subscription is confirmed and
-// healthy, and after a flush heal.
+// healthy, and after a flush heal, and becomes the position only once a
+// ping sent after the read was answered (proveTails): the messages of the
+// entries up to the tail may still be on their way, and a gap lose them.
 //
 // Why restoring the old epoch E is safe. L1 serves an entry only if its
 // epoch is the current one and its generation is its key's current one, and
@@ -285,8 +287,9 @@ func (s *subscriber) healFlushed(why string) {
 }
 
 // readTails reads, in the background, the tail of the log of channel (""
-// for every confirmed channel that has a log) as its position, unless a
-// gap other than gap began meanwhile.
+// for every confirmed channel that has a log), which becomes its position
+// once proven (see proveTails), unless a gap other than gap began
+// meanwhile.
 func (s *subscriber) readTails(gap uint64, channel string) {
 	s.wg.Add(1)
 	go func() {
@@ -312,13 +315,40 @@ func (s *subscriber) readTails(gap uint64, channel string) {
 			if err != nil {
 				continue // no position: the next gap flushes
 			}
-			pos := logPos{id: entries[0].ID, ident: entryIdent(entries[0]), run: run, gap: gap}
 			s.mu.Lock()
-			cur := cm.pos
-			if s.gapCount.Load() == gap && (cur.gap != gap || !cur.unlogged && (cur.id == "" || streamIDLess(cur.id, pos.id))) {
-				cm.pos = pos
+			if s.gapCount.Load() == gap {
+				cm.tail = logPos{id: entries[0].ID, ident: entryIdent(entries[0]), run: run, gap: gap}
+				cm.tailSeq = s.pingSeq.Load()
 			}
 			s.mu.Unlock()
 		}
+		select { // a ping now, to prove the tails
+		case s.kick <- struct{}{}:
+		default:
+		}
 	}()
+}
+
+// proveTails is called with each ping answered on the subscription. A tail
+// read is a position only once every message published before it was
+// applied: Redis ran the read before it answered a ping sent after it (seq
+// above tailSeq), and delivers a connection's messages and answers in
+// order, so the messages of every entry up to the tail came before this
+// answer. Until then, a gap could lose one of them and a replay from the
+// tail would not find it.
+func (s *subscriber) proveTails(seq uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	gap := s.gapCount.Load()
+	for _, cm := range s.channels {
+		t := cm.tail
+		if t.id == "" || seq <= cm.tailSeq {
+			continue
+		}
+		cm.tail = logPos{}
+		cur := cm.pos
+		if t.gap == gap && (cur.gap != gap || !cur.unlogged && (cur.id == "" || streamIDLess(cur.id, t.id))) {
+			cm.pos = t
+		}
+	}
 }

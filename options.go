@@ -142,11 +142,13 @@ type Options struct {
 	// write of one 20-byte key), so 30 s at 10,000 writes/s is ~19 MB.
 	// Entries are trimmed by the writes that follow them (approximately,
 	// a stream node of 100 at a time), so the log of a namespace that is
-	// no longer written keeps its last entries. Default 30 s;
-	// negative disables the log (messages then keep the format of before
-	// the log, which older instances read). Every instance of a Namespace
-	// must log, or gaps flush. Ignored on a *redis.ClusterClient, whose
-	// scripts cannot touch a key outside their slot: there gaps flush.
+	// no longer written keeps its last entries. Default 30 s; negative
+	// disables the log (messages then keep the format of before the log,
+	// which older instances read), and every write of such an instance
+	// deletes the log, so that the instances that do log flush at their
+	// next gap rather than replay a log that lacks it. Ignored on a
+	// *redis.ClusterClient, whose scripts cannot touch a key outside their
+	// slot: there gaps flush.
 	InvalidationLog time.Duration
 
 	// PublishValueMaxBytes lets Set send values of up to this many bytes
@@ -268,8 +270,10 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	_, cluster := o.Redis.(*redis.ClusterClient)
 	switch {
-	case cluster || o.InvalidationLog < 0:
-		o.InvalidationLog = -time.Millisecond // remote.logWindow -1: no log
+	case cluster:
+		o.InvalidationLog = -2 * time.Millisecond // remote.logWindow -2: no log key (not in the script's slot)
+	case o.InvalidationLog < 0:
+		o.InvalidationLog = -time.Millisecond // remote.logWindow -1: writes delete the log
 	case o.InvalidationLog == 0:
 		o.InvalidationLog = defaultInvalidationLog
 	}

@@ -118,6 +118,8 @@ type channelMembers struct {
 	confirmed bool
 	log       string // the namespace's invalidation log (see invalidation_log.go)
 	pos       logPos // the last entry of log applied (guarded by mu)
+	tail      logPos // a tail of log read, not yet proven a position (see proveTails)
+	tailSeq   uint64 // the last ping sent before tail was read
 }
 
 // subscribers holds the subscriber of each Redis client in this process.
@@ -467,6 +469,7 @@ func (s *subscriber) handle(msg any) {
 		if seq, err := strconv.ParseUint(m.Payload, 10, 64); err == nil {
 			s.lastPong.Store(time.Now().UnixNano())
 			s.pingSent.Store(0)
+			s.proveTails(seq)
 			s.heal(seq)
 		}
 	case *redis.Message:

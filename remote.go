@@ -48,10 +48,13 @@ local function be64(v)
   return table.concat(b)
 end
 local function stamp(env, v) return string.sub(env, 1, 2) .. v .. string.sub(env, 11) end
-local function logged() return tonumber(ARGV[#ARGV]) >= 0 end
+local function logged() return tonumber(ARGV[#ARGV]) >= -1 end
 local function publish(channel, msg, entry)
-  if logged() then
-    local r = redis.pcall('XADD', KEYS[#KEYS], 'MINID', '~', math.floor(clock / 1000) - tonumber(ARGV[#ARGV]), '*', 'm', entry or msg)
+  local window = tonumber(ARGV[#ARGV])
+  if window == -1 then
+    redis.call('DEL', KEYS[#KEYS])
+  elseif window >= 0 then
+    local r = redis.pcall('XADD', KEYS[#KEYS], 'MINID', '~', math.floor(clock / 1000) - window, '*', 'm', entry or msg)
     if type(r) == 'string' then
       local at = 17
       if string.byte(msg, 1) == 98 then at = 9 end
@@ -75,7 +78,11 @@ end
 // log rejects the message (and flushes) rather than misreads it. If the log
 // cannot be appended to (a Redis before 6.2, whose XADD has no MINID, or
 // not a stream under its key), the message goes out without an ID, which
-// makes every subscriber flush at its next gap rather than replay.
+// makes every subscriber flush at its next gap rather than replay. A
+// window of -1 (the log disabled) still names the log in KEYS: publish
+// deletes it, so that a subscriber whose position was in it flushes at its
+// next gap instead of replaying a log that lacks this write (its message
+// may be the one the gap lost). -2 (a Cluster) names no log.
 // remote.logged adds the two arguments to a call.
 
 // writeScript stores a value and publishes its invalidation in one round
@@ -322,14 +329,14 @@ type remote struct {
 	queues sync.Map   // on a Cluster: hash slot -> *writeQueue
 
 	logKey    string // the namespace's invalidation log (see invalidation_log.go)
-	logWindow int64  // how long it keeps an entry, in ms; -1: no log (disabled, or a Cluster)
+	logWindow int64  // how long it keeps an entry, in ms; -1: disabled (writes delete it), -2: a Cluster (none)
 }
 
 // logged returns the KEYS and ARGV of a script that publishes with
-// versionLua's publish: keys, then the log key if there is a log; args, then
-// the window.
+// versionLua's publish: keys, then the log key unless on a Cluster; args,
+// then the window.
 func (r *remote) logged(keys []string, args []any) ([]string, []any) {
-	if r.logWindow >= 0 {
+	if r.logWindow >= -1 {
 		keys = append(keys[:len(keys):len(keys)], r.logKey)
 	}
 	return keys, append(args[:len(args):len(args)], r.logWindow)
