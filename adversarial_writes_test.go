@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"math"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 // pipeline) one of whose arguments contains marker, before it is sent,
 // until release is closed: the writes that come meanwhile queue behind it.
 type scriptGate struct {
+	off     atomic.Bool // not holding yet
 	marker  []byte
 	reached chan struct{}
 	release chan struct{}
@@ -34,7 +36,7 @@ func newScriptGate(marker string) *scriptGate {
 }
 
 func (g *scriptGate) hold(cmd redis.Cmder) {
-	if (cmd.Name() == "evalsha" || cmd.Name() == "eval") && argsContain(cmd, g.marker) {
+	if !g.off.Load() && (cmd.Name() == "evalsha" || cmd.Name() == "eval") && argsContain(cmd, g.marker) {
 		g.once.Do(func() {
 			close(g.reached)
 			<-g.release
@@ -77,16 +79,19 @@ func queueBehind(t *testing.T, c *tiered.Cache[string], writes ...func() error) 
 	return out
 }
 
-// awaitErr returns what errc delivers, failing the test if nothing comes
-// within timeout (a hung writer).
+var errHung = errors.New("hung")
+
+// awaitErr returns what errc delivers, or errHung, failing the test (but
+// not stopping it: gates must still be released), if nothing comes within
+// timeout.
 func awaitErr(t *testing.T, errc <-chan error, timeout time.Duration, what string) error {
 	t.Helper()
 	select {
 	case err := <-errc:
 		return err
 	case <-time.After(timeout):
-		t.Fatalf("%s did not return within %v", what, timeout)
-		return nil
+		t.Errorf("%s did not return within %v", what, timeout)
+		return errHung
 	}
 }
 
@@ -152,6 +157,71 @@ func TestAdversarialABatchThatFailsInRedisLeavesNoWriteUnpublished(t *testing.T)
 		v, err := b.Get(ctx, k)
 		if held && (err != nil || v != want) || !held && !errors.Is(err, tiered.ErrNotFound) {
 			t.Errorf("b serves %s for %s; Redis holds %q (present %v)", describe(v, err), k, want, held)
+		}
+	}
+}
+
+// TestAdversarialTheSenderOfABatchReturnsWhenItsCtxEnds: a writer handed
+// the next batch (it holds other callers' writes too) sends it detached
+// from its ctx, so that its deadline fails no one else's write; but the
+// writer itself must still return once its ctx ends, as one whose write
+// another caller sent does, not wait for a hung connection (here: the
+// batch held on its way to Redis) until the client's ReadTimeout or
+// forever. Once the batch lands, every instance serves what Redis holds.
+func TestAdversarialTheSenderOfABatchReturnsWhenItsCtxEnds(t *testing.T) {
+	ctx := context.Background()
+	mr, _ := newMini(t)
+	ns := advNamespace(t)
+	first, batch := newScriptGate("gate"), newScriptGate("k-sender")
+	ra := plainClient(t, mr.Addr())
+	ra.AddHook(first)
+	ra.AddHook(batch)
+	batch.off.Store(true) // until the batch
+	a := advCache(t, ra, ns, tiered.Options{})
+	b := advCache(t, plainClient(t, mr.Addr()), ns, tiered.Options{})
+	awaitApplied := appliedFrom(t, a, b)
+	for _, k := range []string{"k-sender", "k-other"} {
+		if err := a.Set(ctx, k, "old"); err != nil {
+			t.Fatal(err)
+		}
+		awaitCond(t, 10*time.Second, "b to hold "+k+" in L1", func() bool {
+			v, fromL1, err := getFrom(b, k)
+			return err == nil && v == "old" && fromL1
+		})
+	}
+
+	gateErr := make(chan error, 1)
+	go func() { gateErr <- a.Set(ctx, "gate", "x") }()
+	<-first.reached
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	batch.off.Store(false)
+	errs := queueBehind(t, a,
+		func() error { return a.Set(sctx, "k-sender", "new") },
+		func() error { return a.Set(ctx, "k-other", "new") })
+	close(first.release)
+	if err := <-gateErr; err != nil {
+		t.Fatal(err)
+	}
+	<-batch.reached // the sender's batch is on its way, and hangs there
+	cancel()
+	if err := awaitErr(t, errs[0], 10*time.Second, "the sender of a hung batch, its ctx cancelled"); !errors.Is(err, context.Canceled) {
+		t.Errorf("the sender of a hung batch, its ctx cancelled, returned %v; want context.Canceled", err)
+	}
+	close(batch.release)
+	if err := awaitErr(t, errs[1], 10*time.Second, "the other write of the batch"); err != nil {
+		t.Errorf("the other write of the batch (its ctx alive): %v", err)
+	}
+	awaitApplied()
+	for _, k := range []string{"k-sender", "k-other"} {
+		want, held := redisHolds(t, mr, ns, k)
+		if !held || want != "new" {
+			t.Errorf("Redis holds %q (present %v) for %s; want \"new\" (a sent write is not taken back)", want, held, k)
+		}
+		for name, c := range map[string]*tiered.Cache[string]{"writer": a, "other": b} {
+			if v, err := c.Get(ctx, k); err != nil || v != want {
+				t.Errorf("%s serves %s for %s; Redis holds %q", name, describe(v, err), k, want)
+			}
 		}
 	}
 }
