@@ -377,9 +377,13 @@ func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V
 	mu := l.lock(h)
 	mu.Lock()
 	defer mu.Unlock()
+	// A message older than a write L1 heard of (a late one, behind an own
+	// Delete's reply) must not bring its value back, even if L1 holds the
+	// key (an unservable fill is held too).
+	older := l.newestOf(h).Load() > version
 	raise(l.newestOf(h), version)
 	l.settle(h, check, version, false, func(held bool) *entry[V] {
-		if !held || replacement == nil {
+		if !held || replacement == nil || older {
 			return nil
 		}
 		return replacement()

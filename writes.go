@@ -189,9 +189,10 @@ func (r *remote) sendTurns(ctx context.Context, call *writeCall) {
 }
 
 // abandon takes call's queued parts out of their queues (they are never
-// sent), then sends the batches call was handed: they hold writes of
-// others. Turns are handed under the queue's lock, so once every queued
-// part is out, no turn can come any more.
+// sent), then sends the batches call was handed, detached and without
+// waiting: they may hold writes of others, and their queues wait for them.
+// Turns are handed under the queue's lock, so once every queued part is
+// out, no turn can come any more.
 func (r *remote) abandon(ctx context.Context, call *writeCall) {
 	for _, p := range call.parts {
 		q := p.queue
@@ -207,7 +208,7 @@ func (r *remote) abandon(ctx context.Context, call *writeCall) {
 		}
 		q.mu.Unlock()
 	}
-	r.sendTurns(context.WithoutCancel(ctx), call)
+	go r.sendTurns(context.WithoutCancel(ctx), call)
 }
 
 // next hands what waits in q to the first waiting writer as q's next
@@ -236,7 +237,8 @@ func (q *writeQueue) next() {
 
 // send sends batches (each of one queue; by sender, a writer with parts in
 // them) in one round trip, hands each queue's next batch on, and finishes
-// the parts sent.
+// the parts sent: itself if they are all sender's, under its ctx, else in
+// a goroutine of their own.
 func (r *remote) send(ctx context.Context, sender *writeCall, batches [][]*writePart) {
 	var calls []*scriptCall
 	var parts [][]*writePart
@@ -258,8 +260,18 @@ func (r *remote) send(ctx context.Context, sender *writeCall, batches [][]*write
 		}
 	}
 	if !alone {
-		ctx = context.WithoutCancel(ctx)
+		// Others' writes: the sender's ctx must not cut them, nor may a
+		// hung connection hold the sender past its ctx (it waits for its
+		// own writes as the others do, in submit).
+		go r.land(context.WithoutCancel(ctx), batches, calls, parts)
+		return
 	}
+	r.land(ctx, batches, calls, parts)
+}
+
+// land runs the scripts calls of batches (parts: each script's writes),
+// hands each queue's next batch on, and finishes the parts.
+func (r *remote) land(ctx context.Context, batches [][]*writePart, calls []*scriptCall, parts [][]*writePart) {
 	errs := r.runWrites(ctx, calls)
 	// The next batches' writers wait: hand them on before finishing these.
 	for _, b := range batches {
