@@ -735,7 +735,7 @@ func (c *Cache[V]) encodeLoaded(key string, v V, notFound bool, localTTL, remote
 	w.size = len(b)
 	w.expires, w.ttl = c.remoteExpiry(remoteTTL)
 	if !notFound {
-		w.ttl += c.opts.StaleIfError // Redis keeps it for its grace period
+		w.ttl = time.Duration(addSat(int64(w.ttl), int64(c.opts.StaleIfError))) // Redis keeps it for its grace period (saturated, as in Set)
 	}
 	w.env = encodeEnvelope(kind, w.expires, b)
 	w.msg = msgKeys
