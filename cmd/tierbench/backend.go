@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -84,6 +85,22 @@ func (b *backend) nodes(ctx context.Context, fn func(context.Context, *redis.Cli
 		return cc.ForEachMaster(ctx, fn)
 	}
 	return fn(ctx, rdb.(*redis.Client))
+}
+
+// startRun starts cfg's backend for a run on a namespace of its own; cleanup
+// removes the namespace's keys when the run is done (and says on
+// progressOut if it could not).
+func startRun(ctx context.Context, cfg config, progressOut io.Writer) (be *backend, ns string, cleanup func(), err error) {
+	be, err = startBackend(ctx, cfg.redis, cfg.cluster)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	ns = newNamespace()
+	return be, ns, func() {
+		if err := be.close(ns); err != nil {
+			fmt.Fprintf(progressOut, "tierbench: cleaning up namespace %s: %v\n", ns, err)
+		}
+	}, nil
 }
 
 // newNamespace returns a namespace no other run uses, so that runs against

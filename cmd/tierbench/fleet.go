@@ -40,16 +40,11 @@ const fleetDrain = 5 * time.Second
 // runFleet runs the fleet mode for every count in cfg.fleet, in order, on
 // one namespace.
 func runFleet(ctx context.Context, cfg config, progressOut io.Writer) (*fleetResults, error) {
-	be, err := startBackend(ctx, cfg.redis, cfg.cluster)
+	be, ns, cleanup, err := startRun(ctx, cfg, progressOut)
 	if err != nil {
 		return nil, err
 	}
-	ns := newNamespace()
-	defer func() {
-		if err := be.close(ns); err != nil {
-			fmt.Fprintf(progressOut, "tierbench: cleaning up namespace %s: %v\n", ns, err)
-		}
-	}()
+	defer cleanup()
 	res := newFleetResults(cfg, be.name)
 	fmt.Fprintf(progressOut, "tierbench: fleet: %s; %s\n", describeFleet(cfg), be.name)
 	for _, n := range cfg.fleet {

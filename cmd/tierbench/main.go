@@ -65,13 +65,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return runFleetMode(ctx, cfg, stdout, stderr)
 	}
 	res, err := runCompared(ctx, cfg, stderr)
-	if err != nil && ctx.Err() != nil {
-		fmt.Fprintln(stderr, "tierbench: interrupted before the workload started")
-		return 130
-	}
 	if err != nil {
-		fmt.Fprintf(stderr, "tierbench: %v\n", err)
-		return 1
+		return failed(ctx, err, stderr)
 	}
 	if cfg.json {
 		err = writeJSON(stdout, res)
@@ -91,16 +86,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	return 0
 }
 
-// runFleetMode is run for -fleet.
-func runFleetMode(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
-	res, err := runFleet(ctx, cfg, stderr)
-	if err != nil && ctx.Err() != nil {
+// failed reports err, which ended a run before it had results, and
+// returns the exit code: 130 if ctx ended (an interrupt), else 1.
+func failed(ctx context.Context, err error, stderr io.Writer) int {
+	if ctx.Err() != nil {
 		fmt.Fprintln(stderr, "tierbench: interrupted before the workload started")
 		return 130
 	}
+	fmt.Fprintf(stderr, "tierbench: %v\n", err)
+	return 1
+}
+
+// runFleetMode is run for -fleet.
+func runFleetMode(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
+	res, err := runFleet(ctx, cfg, stderr)
 	if err != nil {
-		fmt.Fprintf(stderr, "tierbench: %v\n", err)
-		return 1
+		return failed(ctx, err, stderr)
 	}
 	if cfg.json {
 		err = writeFleetJSON(stdout, res)

@@ -27,16 +27,11 @@ const staleBound = 4*heartbeat + 100*time.Millisecond
 // runBench sets up the instances, runs the workload until cfg.duration
 // has passed or ctx is done, and returns what it measured.
 func runBench(ctx context.Context, cfg config, progressOut io.Writer) (*results, error) {
-	be, err := startBackend(ctx, cfg.redis, cfg.cluster)
+	be, ns, cleanup, err := startRun(ctx, cfg, progressOut)
 	if err != nil {
 		return nil, err
 	}
-	ns := newNamespace()
-	defer func() {
-		if err := be.close(ns); err != nil {
-			fmt.Fprintf(progressOut, "tierbench: cleaning up namespace %s: %v\n", ns, err)
-		}
-	}()
+	defer cleanup()
 
 	origin := time.Now()
 	since := func() time.Duration { return time.Since(origin) }
