@@ -596,7 +596,7 @@ func (s *subscriber) heartbeat() {
 // and, for msgKeys, the number of keys as a uvarint and the keys, or, for
 // msgValue, the key and the envelope's length as a uvarint and the
 // envelope. Single writes keep the single formats, which instances of the
-// versions before batches read.
+// versions before batches read if the log is off (see below).
 //
 // A message the script also appended to the namespace's invalidation log
 // (see invalidation_log.go) has its kind byte in upper case and, after its
