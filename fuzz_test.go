@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"math"
+	"strings"
 	"testing"
 )
 
@@ -126,6 +127,7 @@ func FuzzDecodeMessage(f *testing.F) {
 	f.Add(string(append(binary.BigEndian.AppendUint64(messageHead(msgKeys, 1), 2), encodeKeys("a")...)))
 	b := msgBatchOf(1, invalidation{kind: msgKeys, version: 2, keys: []string{"a"}})
 	f.Add("B" + b[1:9] + "\x031-0" + b[9:])
+	f.Add("B" + b[1:9] + "\xc8" + strings.Repeat("9", 200) + b[9:]) // an ID length above 127 is one byte
 	f.Fuzz(func(t *testing.T, p string) {
 		ms, err := decodeMessage(p)
 		if err != nil {
@@ -159,7 +161,7 @@ func FuzzDecodeMessage(f *testing.F) {
 			if identity != ident(re) {
 				t.Fatalf("logged(%x) gives identity %x; want %x", p, identity, ident(re))
 			}
-			re = "B" + re[1:9] + string(rune(len(id))) + id + re[9:]
+			re = "B" + re[1:9] + string([]byte{byte(len(id))}) + id + re[9:]
 		}
 		if re != p {
 			t.Fatalf("re-encoding does not round-trip:\n in  %x\n out %x", p, re)
