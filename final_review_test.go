@@ -226,80 +226,112 @@ func TestAPositionAdvancedByALoggedBatchReplaysTheNextGap(t *testing.T) {
 // More batches than a replay page during a gap: the pages end among batch
 // entries, and every one is applied.
 func TestMoreBatchesThanAReplayPageInAGapAreAllReplayed(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		opts Options
-	}{
-		{"roomy L1", Options{}},
-		{"L1 full and evicting", Options{LocalMaxBytes: 2 << 10}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			ctx := context.Background()
-			proxy, rdbA, a, b := gapPair(t, tc.opts)
-			const nkeys = 16
-			key := func(i int) string { return fmt.Sprintf("k%d", i%nkeys) }
-			for i := range nkeys {
-				if err := a.Set(ctx, key(i), "old"); err != nil {
-					t.Fatal(err)
-				}
+	forEachL1(t, func(t *testing.T, opts Options) {
+		ctx := context.Background()
+		proxy, rdbA, a, b := gapPair(t, opts)
+		const nkeys = 16
+		key := func(i int) string { return fmt.Sprintf("k%d", i%nkeys) }
+		for i := range nkeys {
+			if err := a.Set(ctx, key(i), "old"); err != nil {
+				t.Fatal(err)
 			}
-			awaitReceived(t, b, 1+nkeys)
-			for i := range nkeys {
-				mustGet(t, b, key(i), "old")
-			}
-			g := newStepGate(rdbA, "stepkey")
-			batches := replayPage + replayPage/2
-			st := gapHealedBy(t, proxy, b, func() {
-				var wg sync.WaitGroup
-				write := func(f func() error) {
-					wg.Add(1)
-					go func() {
-						defer wg.Done()
-						if err := f(); err != nil {
-							t.Error(err)
-						}
-					}()
-				}
-				write(func() error { return a.Set(ctx, "stepkey", "0") })
-				<-g.reached // the first, alone
-				for i := range batches {
-					n := queued(a)
-					write(func() error { return a.Set(ctx, "stepkey", fmt.Sprint(i)) })
-					switch i % 3 {
-					case 0:
-						write(func() error { return a.Set(ctx, key(i), fmt.Sprint("v", i)) })
-					case 1:
-						write(func() error { return a.Delete(ctx, key(i), key(i+1)) })
-					case 2:
-						write(func() error { return a.Set(ctx, key(i), fmt.Sprint("w", i)) })
+		}
+		awaitReceived(t, b, 1+nkeys)
+		for i := range nkeys {
+			mustGet(t, b, key(i), "old")
+		}
+		g := newStepGate(rdbA, "stepkey")
+		batches := replayPage + replayPage/2
+		st := gapHealedBy(t, proxy, b, func() {
+			var wg sync.WaitGroup
+			write := func(f func() error) {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					if err := f(); err != nil {
+						t.Error(err)
 					}
-					write(func() error { return a.Set(ctx, key(i+5), fmt.Sprint("u", i)) })
-					waitUntil(t, invWait, "the batch to queue", func() bool { return queued(a) == n+3 })
-					g.release <- struct{}{} // the batch before goes
-					<-g.reached             // this one is held
+				}()
+			}
+			write(func() error { return a.Set(ctx, "stepkey", "0") })
+			<-g.reached // the first, alone
+			for i := range batches {
+				n := queued(a)
+				write(func() error { return a.Set(ctx, "stepkey", fmt.Sprint(i)) })
+				switch i % 3 {
+				case 0:
+					write(func() error { return a.Set(ctx, key(i), fmt.Sprint("v", i)) })
+				case 1:
+					write(func() error { return a.Delete(ctx, key(i), key(i+1)) })
+				case 2:
+					write(func() error { return a.Set(ctx, key(i), fmt.Sprint("w", i)) })
 				}
-				g.release <- struct{}{}
-				wg.Wait()
-			})
-			if st.GapsReplayed != 1 || st.GapsFlushed != 0 {
-				t.Fatalf("%d gaps replayed, %d flushed; want 1, 0", st.GapsReplayed, st.GapsFlushed)
+				write(func() error { return a.Set(ctx, key(i+5), fmt.Sprint("u", i)) })
+				waitUntil(t, invWait, "the batch to queue", func() bool { return queued(a) == n+3 })
+				g.release <- struct{}{} // the batch before goes
+				<-g.reached             // this one is held
 			}
-			if st.EntriesReplayed < uint64(batches) {
-				t.Fatalf("%d entries replayed; want at least %d", st.EntriesReplayed, batches)
-			}
-			keys := []string{"stepkey", "held"}
-			for i := range nkeys {
-				keys = append(keys, key(i))
-			}
-			servesWhatRedisHolds(t, rdbA, b, keys...)
+			g.release <- struct{}{}
+			wg.Wait()
 		})
-	}
+		if st.GapsReplayed != 1 || st.GapsFlushed != 0 {
+			t.Fatalf("%d gaps replayed, %d flushed; want 1, 0", st.GapsReplayed, st.GapsFlushed)
+		}
+		if st.EntriesReplayed < uint64(batches) {
+			t.Fatalf("%d entries replayed; want at least %d", st.EntriesReplayed, batches)
+		}
+		keys := []string{"stepkey", "held"}
+		for i := range nkeys {
+			keys = append(keys, key(i))
+		}
+		servesWhatRedisHolds(t, rdbA, b, keys...)
+	})
 }
 
 // A batch of an instance with the log disabled, lost in another's gap, is
 // in no log (its script deleted the log): the heal must flush, and the
 // old values must not be served.
 func TestABatchFromAnInstanceWithoutTheLogLostInAGapMakesTheHealFlush(t *testing.T) {
+	forEachL1(t, func(t *testing.T, opts Options) {
+		ctx := context.Background()
+		proxy, rdbA, a, b := gapPair(t, opts)
+		rdbU := redis.NewClient(&redis.Options{Addr: rdbA.Options().Addr})
+		t.Cleanup(func() { _ = rdbU.Close() })
+		u := newTestCache[string](t, rdbU, Options{Namespace: a.opts.Namespace, InvalidationLog: -1})
+		for _, k := range []string{"p", "q", "r"} {
+			if err := a.Set(ctx, k, "old"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		awaitReceived(t, b, 4)
+		for _, k := range []string{"p", "q", "r"} {
+			mustGet(t, b, k, "old")
+		}
+		if opts.LocalMaxBytes == 0 {
+			mustHoldInL1(t, b, "p", "old")
+			mustHoldInL1(t, b, "q", "old")
+		}
+		g := newWriteGate(rdbU, "ugate")
+		st := gapHealedBy(t, proxy, b, func() {
+			batchOf(t, u, g, func() error { return u.Set(ctx, "ugate", "g") },
+				func() error { return u.Set(ctx, "p", "new") },
+				func() error { return u.Delete(ctx, "q", "r") },
+			)
+			// and a logged write after it, which re-creates the log
+			if err := a.Set(ctx, "s", "logged"); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if st.GapsFlushed != 1 || st.GapsReplayed != 0 {
+			t.Fatalf("%d gaps flushed, %d replayed; want 1, 0", st.GapsFlushed, st.GapsReplayed)
+		}
+		servesWhatRedisHolds(t, rdbA, b, "p", "q", "r", "s", "held")
+	})
+}
+
+// forEachL1 runs test with a roomy L1 and with an L1 so small that it is
+// full and evicting all the time.
+func forEachL1(t *testing.T, test func(t *testing.T, opts Options)) {
 	for _, tc := range []struct {
 		name string
 		opts Options
@@ -307,40 +339,6 @@ func TestABatchFromAnInstanceWithoutTheLogLostInAGapMakesTheHealFlush(t *testing
 		{"roomy L1", Options{}},
 		{"L1 full and evicting", Options{LocalMaxBytes: 2 << 10}},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			ctx := context.Background()
-			proxy, rdbA, a, b := gapPair(t, tc.opts)
-			rdbU := redis.NewClient(&redis.Options{Addr: rdbA.Options().Addr})
-			t.Cleanup(func() { _ = rdbU.Close() })
-			u := newTestCache[string](t, rdbU, Options{Namespace: a.opts.Namespace, InvalidationLog: -1})
-			for _, k := range []string{"p", "q", "r"} {
-				if err := a.Set(ctx, k, "old"); err != nil {
-					t.Fatal(err)
-				}
-			}
-			awaitReceived(t, b, 4)
-			for _, k := range []string{"p", "q", "r"} {
-				mustGet(t, b, k, "old")
-			}
-			if tc.opts.LocalMaxBytes == 0 {
-				mustHoldInL1(t, b, "p", "old")
-				mustHoldInL1(t, b, "q", "old")
-			}
-			g := newWriteGate(rdbU, "ugate")
-			st := gapHealedBy(t, proxy, b, func() {
-				batchOf(t, u, g, func() error { return u.Set(ctx, "ugate", "g") },
-					func() error { return u.Set(ctx, "p", "new") },
-					func() error { return u.Delete(ctx, "q", "r") },
-				)
-				// and a logged write after it, which re-creates the log
-				if err := a.Set(ctx, "s", "logged"); err != nil {
-					t.Fatal(err)
-				}
-			})
-			if st.GapsFlushed != 1 || st.GapsReplayed != 0 {
-				t.Fatalf("%d gaps flushed, %d replayed; want 1, 0", st.GapsFlushed, st.GapsReplayed)
-			}
-			servesWhatRedisHolds(t, rdbA, b, "p", "q", "r", "s", "held")
-		})
+		t.Run(tc.name, func(t *testing.T) { test(t, tc.opts) })
 	}
 }
