@@ -262,10 +262,17 @@ func TestAnEmptyCacheHoldsAtMostFivePercentOfItsBudget(t *testing.T) {
 	pipe.XRevRangeN(context.Background(), "tiered:log:warm", "+", "-", 1)
 	_, _ = pipe.Exec(context.Background())
 	for _, maxBytes := range []int64{1 << 20, 8 << 20, 64 << 20, 256 << 20} {
-		before := liveHeap()
-		c := newCoreCache[string](t, rdb, Options{LocalMaxBytes: maxBytes})
-		held := liveHeap() - before
-		runtime.KeepAlive(c)
+		// The least of three tries: what other tests' goroutines still
+		// allocate meanwhile (closing caches, a busy machine) is counted in
+		// one try or another, what the Cache holds in every one.
+		held := int64(math.MaxInt64)
+		for range 3 {
+			before := liveHeap()
+			c := newCoreCache[string](t, rdb, Options{LocalMaxBytes: maxBytes})
+			held = min(held, liveHeap()-before)
+			runtime.KeepAlive(c)
+			_ = c.Close()
+		}
 		t.Logf("LocalMaxBytes %4d MiB: an empty Cache holds %.2f MiB (%.1f%%)",
 			maxBytes>>20, float64(held)/(1<<20), 100*float64(held)/float64(maxBytes))
 		limit := maxBytes / 20
@@ -275,6 +282,5 @@ func TestAnEmptyCacheHoldsAtMostFivePercentOfItsBudget(t *testing.T) {
 		if held > limit {
 			t.Errorf("LocalMaxBytes %d: an empty Cache holds %d bytes, want at most %d", maxBytes, held, limit)
 		}
-		_ = c.Close()
 	}
 }
