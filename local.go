@@ -350,7 +350,7 @@ func (l *local[V]) wrote(t ticket, e *entry[V]) {
 	defer mu.Unlock()
 	newer := l.newestOf(t.hash).Load() > e.version
 	raise(l.newestOf(t.hash), e.version)
-	l.settle(t.hash, t.check, e.version, true, func(bool) *entry[V] {
+	l.settle(t.hash, t.check, e.version, func(bool) *entry[V] {
 		if !t.healthy() || l.epoch.Load() != t.epoch || newer {
 			return nil
 		}
@@ -382,7 +382,7 @@ func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V
 	// key (an unservable fill is held too).
 	older := l.newestOf(h).Load() > version
 	raise(l.newestOf(h), version)
-	l.settle(h, check, version, false, func(held bool) *entry[V] {
+	l.settle(h, check, version, func(held bool) *entry[V] {
 		if !held || replacement == nil || older {
 			return nil
 		}
@@ -394,17 +394,16 @@ func (l *local[V]) heard(key string, version uint64, replacement func() *entry[V
 // under its lock. If L1 serves a value of the key that settle kept, of that
 // version or newer, there is nothing to do: the write is that one or an
 // older one, and fills that began before that value was kept are already
-// unservable; but for own (wrote) a kept value of the same version is the
-// copy the write's own message carried, built without the caller's
-// ItemOptions, and the write's entry replaces it. Otherwise the slot's
+// unservable (a key's versions are unique, and an own message never carries
+// its value into L1: see Cache.invalidated). Otherwise the slot's
 // generation is bumped, which makes every entry and fill of the key older
 // than now unservable (they may hold older values), and L1 keeps the
 // newest value it knows: the one it served if that is newer than version
 // (kept under the new generation), else the candidate (held: whether L1
 // held the key at all), else none.
-func (l *local[V]) settle(h, check, version uint64, own bool, candidate func(held bool) *entry[V]) {
+func (l *local[V]) settle(h, check, version uint64, candidate func(held bool) *entry[V]) {
 	cur, held := l.held(h, check)
-	if cur != nil && cur.fenced && (cur.version > version || cur.version == version && !own) {
+	if cur != nil && cur.fenced && cur.version >= version {
 		return
 	}
 	t := ticket{hash: h, check: check, epoch: l.epoch.Load()}

@@ -1,6 +1,7 @@
 package tiered
 
 import (
+	"context"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -27,5 +28,32 @@ func TestALateMessageOlderThanAWriteHeardDoesNotBringItsValueBack(t *testing.T) 
 	})
 	if e, ok := l.get("k"); ok {
 		t.Fatalf("L1 serves %q (version %d) after hearing of version 20", e.value, e.version)
+	}
+}
+
+// An instance's own message never brings its value into its own L1: the
+// write keeps its value itself (wrote), with the caller's ItemOptions. A
+// message that arrives after that entry expired would otherwise store the
+// value again for the default LocalTTL, outliving the caller's WithLocalTTL.
+func TestAnOwnMessageArrivingAfterTheWritesEntryExpiredDoesNotStoreItAgain(t *testing.T) {
+	ctx := context.Background()
+	_, rdb := newMiniredis(t)
+	c := newTestCache[string](t, rdb, Options{LocalTTL: time.Hour})
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	msgs := subscribeRaw(t, rdb, c)
+	if err := c.Set(ctx, "k", "v", WithLocalTTL(time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	own := nextMessage(t, msgs)
+	waitUntil(t, invWait, "the write's entry to expire", func() bool {
+		_, fromL1, _ := getWithSource(c, "k")
+		return !fromL1
+	})
+	c.invalidated(own) // as if it came late
+	flushL1Buffer(c)
+	if v, fromL1, err := getWithSource(c, "k"); err != nil || v != "v" || fromL1 {
+		t.Fatalf("Get(k) = %q, %v (from L1: %v) after the late own message; want v from Redis", v, err, fromL1)
 	}
 }

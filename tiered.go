@@ -906,7 +906,8 @@ func (c *Cache[V]) clusterChanged() { c.remote.closeAll() }
 // invalidated applies an invalidation message from our channel, this
 // instance's own included: local.heard decides by the write's version what
 // L1 keeps, so messages need no bookkeeping of who sent them or when. If
-// the message carries the new value and L1 holds the key, the new value
+// another instance's message carries the new value and L1 holds the key,
+// the new value
 // replaces the old one, which spares the next read a trip to Redis (a key
 // L1 does not hold is only invalidated: decoding values nobody here reads
 // would be wasted work).
@@ -921,7 +922,10 @@ func (c *Cache[V]) invalidated(payload string) {
 	var keys, replaced uint64
 	for _, m := range ms {
 		keys += uint64(len(m.keys))
-		if m.envelope != "" {
+		// An own message only invalidates: the write keeps its value
+		// itself (wrote, with the caller's ItemOptions), and its message
+		// may come after that entry expired.
+		if m.envelope != "" && m.origin != c.id {
 			key := m.keys[0]
 			c.local.heard(key, m.version, func() *entry[V] {
 				e := c.messageEntry(key, m.envelope)
