@@ -248,6 +248,9 @@ func testStalledSubscription(t *testing.T, log time.Duration) {
 	}
 	awaitReceived(t, b, 1)
 	mustHoldInL1(t, b, "k", "before")
+	if log == 0 {
+		awaitLogPosition(t, b) // a gap before b has a position flushes
+	}
 
 	// b's subscription goes silent without any error: the connection stays
 	// open, nothing arrives. b's commands still get through.
