@@ -273,8 +273,15 @@ func testClusterNewMasterStall(t *testing.T, tc *testCluster) {
 // WAIT finds no replica. The migration then completes, so the retry of the
 // TRYAGAIN script succeeds on the slot's new master (MOVED), whose replica
 // is up. x was deleted on its master only: the Delete must say so, not
-// return nil.
+// return nil. x's script comes first in the pipeline, or last: go-redis
+// sends a whole pipeline again when its first reply is TRYAGAIN, which
+// must not run x's script twice.
 func testClusterWaitReplicasTryAgain(t *testing.T, tc *testCluster) {
+	t.Run("KeyFirst", func(t *testing.T) { testWaitReplicasTryAgain(t, tc, true) })
+	t.Run("KeyLast", func(t *testing.T) { testWaitReplicasTryAgain(t, tc, false) })
+}
+
+func testWaitReplicasTryAgain(t *testing.T, tc *testCluster, xFirst bool) {
 	ctx := context.Background()
 	cc := tc.client(t)
 	c := newTestCache[string](t, cc, Options{Namespace: uniqueNamespace(t), WaitReplicas: 1, WaitTimeout: 300 * time.Millisecond})
@@ -346,15 +353,40 @@ func testClusterWaitReplicasTryAgain(t *testing.T, tc *testCluster) {
 		return 0
 	}
 	// Count the invalidations naming x: the Delete runs x's script once.
+	// The subscriber's node may be another than x's master, which forwards
+	// its messages over the cluster bus, in order: markers published on
+	// x's master fence the count, so that the Sets' messages, still on
+	// their way, are not counted, nor the Delete's left out.
 	ps := tc.client(t).Subscribe(ctx, c.remote.channel)
 	t.Cleanup(func() { _ = ps.Close() })
 	if _, err := ps.Receive(ctx); err != nil {
 		t.Fatal(err)
 	}
+	receiveUntil := func(marker string, each func(payload string)) {
+		t.Helper()
+		for {
+			msg, err := ps.ReceiveMessage(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if msg.Payload == marker {
+				return
+			}
+			each(msg.Payload)
+		}
+	}
+	if err := srcNode.Publish(ctx, c.remote.channel, "start").Err(); err != nil {
+		t.Fatal(err)
+	}
+	receiveUntil("start", func(string) {})
 	mark := tryAgains()
 	resume := stopProcess(t, tc.nodes[replicas[src]])
 	done := make(chan error, 1)
-	go func() { done <- c.Delete(ctx, x, a, b) }()
+	keys := []string{x, a, b}
+	if !xFirst {
+		keys = []string{a, b, x}
+	}
+	go func() { done <- c.Delete(ctx, keys...) }()
 	// The first attempt got TRYAGAIN (its WAIT then waits 300 ms in vain);
 	// complete the migration before the retries.
 	waitUntil(t, 5*time.Second, "the Delete to be answered TRYAGAIN", func() bool { return tryAgains() > mark })
@@ -362,22 +394,15 @@ func testClusterWaitReplicasTryAgain(t *testing.T, tc *testCluster) {
 	err := <-done
 	resume()
 	// A marker published after the Delete returned ends the count.
-	if err := tc.client(t).Publish(ctx, c.remote.channel, "end").Err(); err != nil {
+	if err := srcNode.Publish(ctx, c.remote.channel, "end").Err(); err != nil {
 		t.Fatal(err)
 	}
 	named := 0
-	for {
-		msg, err := ps.ReceiveMessage(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if msg.Payload == "end" {
-			break
-		}
-		if m, err := decodeInvalidation(msg.Payload); err == nil && slices.Contains(m.keys, x) {
+	receiveUntil("end", func(payload string) {
+		if m, err := decodeInvalidation(payload); err == nil && slices.Contains(m.keys, x) {
 			named++
 		}
-	}
+	})
 	if named != 1 {
 		t.Errorf("one Delete published %d invalidations naming %s: its script ran %d times", named, x, named)
 	}
