@@ -30,10 +30,10 @@ const (
 // entryOverhead is what an L1 entry costs beyond its value's out-of-line
 // memory and the entry itself (which holds V, see entryCost): ristretto's
 // item in its store shard map and its cost in its policy's map (144
-// bytes), and the eviction policy's share (88: a slot in its queue, and a
-// hash in the ghost, each with their slack). Measured with
-// TestLocalMaxBytesBoundsTheLiveHeap.
-const entryOverhead = 144 + 88
+// bytes), and the eviction policy's share (104: a slot in its queue, and a
+// hash in the ghost, each with their slack, and 8 to 16 counters of its
+// frequency sketch). Measured with TestLocalMaxBytesBoundsTheLiveHeap.
+const entryOverhead = 144 + 104
 
 // entryCost returns what the entry of v costs in L1: the estimate of v's
 // memory (or Options.Cost's), plus the entry itself and ristretto's share.

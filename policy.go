@@ -3,25 +3,37 @@ package tiered
 import "sync"
 
 // policy chooses what L1 keeps within its budget: S3-FIFO (Yang et al.,
-// SOSP 2023). ristretto stores the entries but its own policy never evicts
-// or rejects one (its MaxCost is out of reach, see newLocal): its sampled
-// LFU, when every entry has been read as often as any other (a scan, a key
-// set that outgrew L1), evicts entries at random, not the oldest, and its
-// TinyLFU admission keeps the keys that were read before over those read
-// last. Under issue 12's churn pattern that kept 6,700 of the 10,000
-// entries L1 had room for; S3-FIFO keeps them all, and under Zipf it is
-// within a few tenths of a point of an LFU with exact counts of the whole
-// history (see BenchmarkL1Churn, BenchmarkL1Zipf).
+// SOSP 2023) with a frequency-based admission to its main queue, in the
+// manner of TinyLFU (Einziger et al.). ristretto stores the entries but its
+// own policy never evicts or rejects one (its MaxCost is out of reach, see
+// newLocal): its sampled LFU, when every entry has been read as often as
+// any other (a scan, a key set that outgrew L1), evicts entries at random,
+// not the oldest, and its TinyLFU admission keeps the keys that were read
+// before over those read last. Under issue 12's churn pattern that kept
+// 6,700 of the 10,000 entries L1 had room for; this policy keeps them all,
+// and under Zipf it is within half a point of the optimum (see
+// BenchmarkL1Churn, BenchmarkL1Zipf).
 //
-// New entries go to a small FIFO queue (a tenth of the budget), the others
-// to the main FIFO queue. An entry leaving the small queue moves to the main
-// one if it was hit while in it, else it is evicted and its hash is kept in
-// the ghost, so that the key's next fill goes to the main queue directly.
-// An entry leaving the main queue is put back at its tail if it was hit
-// since it last got there (at most three times in a row, freqMax), else it
-// is evicted. An entry that can never be served again (its generation or
-// epoch moved, or it expired and its grace too) is evicted whatever its
-// hits.
+// New entries go to a small FIFO queue (a hundredth of the budget), the
+// others to the main FIFO queue. An entry leaving the small queue is a
+// candidate for the main one if it was hit while in it, else it is evicted
+// and its hash is kept in the ghost, so that the key's next fill is a
+// candidate directly. An entry leaving the main queue is put back at its
+// tail if it was hit since it last got there (at most three times in a
+// row, freqMax), else it is evicted. An entry that can never be served
+// again (its generation or epoch moved, or it expired and its grace too)
+// is evicted whatever its hits.
+//
+// A candidate enters the main queue while the queue is within its share;
+// past it, only if its key was filled at least as often lately (frequency,
+// which counts fills, not hits) as the key of the entry the main queue
+// would evict next, which it then evicts; else the candidate is evicted
+// (or, a ghost's, goes to the small queue). The FIFO queues alone keep
+// what was read last, which is what churn needs, but under Zipf they
+// cannot tell a key of the popular set's tail, read once per hundreds of
+// thousands of reads, from the many keys less popular still: the
+// admission remembers that across evictions. Ties admit, so a key set
+// read in turn (churn) still replaces the older one.
 //
 // A hit costs an atomic load of the entry's freq, already in the CPU cache
 // for the ticket check, and an add only while freq < freqMax.
@@ -50,6 +62,7 @@ type policy[V any] struct {
 	mu          sync.Mutex
 	small, main fifo[V]
 	ghost       ghost
+	freq        *frequency
 }
 
 // freqMax caps an entry's freq (hits counted by the policy).
@@ -63,7 +76,7 @@ const (
 )
 
 func newPolicy[V any](maxBytes int64, unservable func(uint64, *entry[V]) bool) *policy[V] {
-	p := &policy[V]{max: maxBytes, smallMax: maxBytes / 10, unservable: unservable}
+	p := &policy[V]{max: maxBytes, smallMax: maxBytes / 100, unservable: unservable, freq: newFrequency()}
 	p.small.id, p.main.id = inSmall, inMain
 	p.ghost.of = map[uint64]uint64{}
 	return p
@@ -89,15 +102,53 @@ func (p *policy[V]) admit(h uint64, e *entry[V], victims []uint64) []uint64 {
 		return victims // reported gone already, or counted already
 	}
 	e.freq.Store(0)
+	p.freq.add(h, p.small.live+p.main.live+1)
+	promoted := false
 	if p.ghost.take(h) {
-		p.main.push(h, e)
-	} else {
+		promoted, victims = p.promote(h, e, victims)
+	}
+	if !promoted {
 		p.small.push(h, e)
 	}
 	for p.small.bytes+p.main.bytes > p.max {
 		victims = p.evict(victims)
 	}
 	return victims
+}
+
+// promote puts e, the entry of the key with hash h, in the main queue if
+// there is room for it in the main queue's share, or if its key was filled
+// at least as often lately as the key of the entry the main queue would
+// evict next, which it then evicts (appended to victims). It reports
+// whether it did.
+func (p *policy[V]) promote(h uint64, e *entry[V], victims []uint64) (bool, []uint64) {
+	if p.main.live > 0 && p.main.bytes+e.cost > p.max-p.smallMax {
+		vh, ve := p.mainVictim()
+		if !p.unservable(vh, ve) && p.freq.estimate(h) < p.freq.estimate(vh) {
+			return false, victims
+		}
+		p.main.pop()
+		victims = append(victims, vh)
+	}
+	e.freq.Store(0)
+	p.main.push(h, e)
+	return true, victims
+}
+
+// mainVictim returns the entry at the main queue's head once those hit
+// since they last got there are put back at its tail (at most freqMax
+// times in a row): the one the main queue evicts next. The queue must not
+// be empty.
+func (p *policy[V]) mainVictim() (uint64, *entry[V]) {
+	for {
+		h, e := p.main.peek()
+		if e.freq.Load() == 0 || p.unservable(h, e) {
+			return h, e
+		}
+		e.freq.Add(-1)
+		p.main.pop()
+		p.main.push(h, e)
+	}
 }
 
 // exit uncounts e, which ristretto reports gone, unless a later Set stored
@@ -126,19 +177,16 @@ func (p *policy[V]) evict(victims []uint64) []uint64 {
 	if p.small.live > 0 && (p.small.bytes >= p.smallMax || p.main.live == 0) {
 		h, e := p.small.pop()
 		if e.freq.Load() > 0 && !p.unservable(h, e) {
-			e.freq.Store(0)
-			p.main.push(h, e)
-			return victims
+			var promoted bool
+			if promoted, victims = p.promote(h, e, victims); promoted {
+				return victims
+			}
 		}
 		p.ghost.add(h, p.small.live+p.main.live)
 		return append(victims, h)
 	}
-	h, e := p.main.pop()
-	if e.freq.Load() > 0 && !p.unservable(h, e) {
-		e.freq.Add(-1)
-		p.main.push(h, e)
-		return victims
-	}
+	h, _ := p.mainVictim()
+	p.main.pop()
 	return append(victims, h)
 }
 
@@ -166,17 +214,23 @@ func (q *fifo[V]) push(h uint64, e *entry[V]) {
 	q.slots = append(q.slots, fifoSlot[V]{h, e})
 }
 
+// peek returns the entry at the queue's head. The queue must not be
+// empty.
+func (q *fifo[V]) peek() (uint64, *entry[V]) {
+	for q.slots[q.head].e == nil {
+		q.head++
+	}
+	s := q.slots[q.head]
+	return s.h, s.e
+}
+
 // pop takes the entry at the queue's head out. The queue must not be
 // empty.
 func (q *fifo[V]) pop() (uint64, *entry[V]) {
-	for {
-		s := q.slots[q.head]
-		q.head++
-		if s.e != nil {
-			q.remove(s.e)
-			return s.h, s.e
-		}
-	}
+	h, e := q.peek()
+	q.head++
+	q.remove(e)
+	return h, e
 }
 
 func (q *fifo[V]) remove(e *entry[V]) {

@@ -1,6 +1,7 @@
 package tiered
 
 import (
+	"math"
 	"math/rand/v2"
 	"reflect"
 	"testing"
@@ -151,5 +152,46 @@ func TestThePolicyLetsGoOfEntriesThatLeft(t *testing.T) {
 	}
 	if popped != 2 {
 		t.Errorf("popped %d entries; want 2", popped)
+	}
+}
+
+// Under Zipf popularity, once it has seen a long history, the policy holds
+// what serves within half a point of the optimum: the 10,000 most popular
+// of 100,000 keys (the S3-FIFO queues alone stay 1.5 points short, unable
+// to tell the popular set's tail from the keys less popular still).
+func TestThePolicyUnderZipfIsWithinHalfAPointOfTheOptimum(t *testing.T) {
+	const keys, fit, warm, measured = 100000, 10000, 2000000, 1000000
+	var sum, top float64
+	for i := range keys {
+		p := math.Pow(float64(i+1), -1.1)
+		sum += p
+		if i < fit {
+			top += p
+		}
+	}
+	p := newPolicy[string](fit*100, func(uint64, *entry[string]) bool { return false })
+	held := map[uint64]*entry[string]{}
+	z := rand.NewZipf(rand.New(rand.NewPCG(3, 4)), 1.1, 1, keys-1)
+	hits := 0
+	for i := range warm + measured {
+		h := z.Uint64()
+		if e := held[h]; e != nil {
+			hit(e)
+			if i >= warm {
+				hits++
+			}
+			continue
+		}
+		e := &entry[string]{cost: 100}
+		held[h] = e
+		for _, v := range p.admit(h, e, nil) {
+			p.exit(held[v])
+			delete(held, v)
+		}
+	}
+	got, optimum := 100*float64(hits)/measured, 100*top/sum
+	t.Logf("hit share %.2f%%, optimum %.2f%%", got, optimum)
+	if got < optimum-0.5 {
+		t.Errorf("hit share %.2f%%, more than half a point below the optimum %.2f%%", got, optimum)
 	}
 }
