@@ -18,16 +18,21 @@ func churnPolicy(p *policy[string], held map[uint64]*entry[string], n uint64, r 
 		}
 		r.Shuffle(len(batch), func(i, j int) { batch[i], batch[j] = batch[j], batch[i] })
 		for _, h := range batch {
-			if held[h] != nil {
-				continue
-			}
-			e := &entry[string]{cost: 100}
-			held[h] = e
-			for _, v := range p.admit(h, e, nil) {
-				p.exit(held[v])
-				delete(held, v)
+			if held[h] == nil {
+				fillPolicy(p, held, h)
 			}
 		}
+	}
+}
+
+// fillPolicy admits a new entry of cost 100 for h, evicting victims from
+// held.
+func fillPolicy(p *policy[string], held map[uint64]*entry[string], h uint64) {
+	e := &entry[string]{cost: 100}
+	held[h] = e
+	for _, v := range p.admit(h, e, nil) {
+		p.exit(held[v])
+		delete(held, v)
 	}
 }
 
@@ -182,12 +187,7 @@ func TestThePolicyUnderZipfIsWithinHalfAPointOfTheOptimum(t *testing.T) {
 			}
 			continue
 		}
-		e := &entry[string]{cost: 100}
-		held[h] = e
-		for _, v := range p.admit(h, e, nil) {
-			p.exit(held[v])
-			delete(held, v)
-		}
+		fillPolicy(p, held, h)
 	}
 	got, optimum := 100*float64(hits)/measured, 100*top/sum
 	t.Logf("hit share %.2f%%, optimum %.2f%%", got, optimum)
