@@ -838,14 +838,7 @@ func BenchmarkL1Churn(b *testing.B) {
 //	raw-tight-hit-%     raw ristretto, no Redis GET
 func BenchmarkL1Zipf(b *testing.B) {
 	const keys, fit = 100000, 10000
-	var sum, top float64
-	for i := range keys {
-		p := math.Pow(float64(i+1), -benchZipfS) // rand.Zipf with v = 1: P(k) ∝ (1+k)^-s
-		sum += p
-		if i < fit {
-			top += p
-		}
-	}
+	optimum := zipfOptimum(keys, fit)
 	names := make([]string, keys)
 	for i := range names {
 		names[i] = fmt.Sprintf("key-%05d", i)
@@ -862,11 +855,25 @@ func BenchmarkL1Zipf(b *testing.B) {
 			}
 			share, rawShare := l1ZipfRun(b, seq, trace.warm, fit)
 			b.ReportMetric(100*share, "L1-hit-%")
-			b.ReportMetric(100*top/sum, "optimum-%")
+			b.ReportMetric(100*optimum, "optimum-%")
 			b.ReportMetric(100*rawShare[0], "raw-paced-hit-%")
 			b.ReportMetric(100*rawShare[1], "raw-tight-hit-%")
 		})
 	}
+}
+
+// zipfOptimum returns the share of reads of keys keys with Zipf(benchZipfS)
+// popularity that an L1 holding the fit most popular ones serves.
+func zipfOptimum(keys, fit int) float64 {
+	var sum, top float64
+	for i := range keys {
+		p := math.Pow(float64(i+1), -benchZipfS) // rand.Zipf with v = 1: P(k) ∝ (1+k)^-s
+		sum += p
+		if i < fit {
+			top += p
+		}
+	}
+	return top / sum
 }
 
 // l1ZipfRun reads seq through tiered's L1 and through raw ristretto (paced

@@ -14,10 +14,10 @@ import "math/bits"
 // It has freqCountersPerEntry counters per entry L1 holds, rounded up to a
 // power of two: it starts at freqMinCounters and grows as L1 does, at
 // which it starts over (the counters of fewer keys, split, would overstate
-// the keys that come with the new ones: under the churn of
-// BenchmarkL1Churn, counters carried over kept 8,463 entries of 10,000,
-// starting over 9,9xx). Counted fills only, never hits: a hit costs nothing more. Guarded
-// by policy.mu.
+// the keys that come with the new ones: under BenchmarkL1Churn's pattern,
+// counters carried over kept 8,463 entries of 10,000, starting over kept
+// them all). It counts fills only, never hits, so a hit costs nothing
+// more. Guarded by policy.mu.
 type frequency struct {
 	counters []uint8
 	shift    uint // 64 - log2(len(counters))

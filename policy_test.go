@@ -1,7 +1,6 @@
 package tiered
 
 import (
-	"math"
 	"math/rand/v2"
 	"reflect"
 	"testing"
@@ -166,17 +165,9 @@ func TestThePolicyLetsGoOfEntriesThatLeft(t *testing.T) {
 // to tell the popular set's tail from the keys less popular still).
 func TestThePolicyUnderZipfIsWithinHalfAPointOfTheOptimum(t *testing.T) {
 	const keys, fit, warm, measured = 100000, 10000, 2000000, 1000000
-	var sum, top float64
-	for i := range keys {
-		p := math.Pow(float64(i+1), -1.1)
-		sum += p
-		if i < fit {
-			top += p
-		}
-	}
 	p := newPolicy[string](fit*100, func(uint64, *entry[string]) bool { return false })
 	held := map[uint64]*entry[string]{}
-	z := rand.NewZipf(rand.New(rand.NewPCG(3, 4)), 1.1, 1, keys-1)
+	z := rand.NewZipf(rand.New(rand.NewPCG(3, 4)), benchZipfS, 1, keys-1)
 	hits := 0
 	for i := range warm + measured {
 		h := z.Uint64()
@@ -189,7 +180,7 @@ func TestThePolicyUnderZipfIsWithinHalfAPointOfTheOptimum(t *testing.T) {
 		}
 		fillPolicy(p, held, h)
 	}
-	got, optimum := 100*float64(hits)/measured, 100*top/sum
+	got, optimum := 100*float64(hits)/measured, 100*zipfOptimum(keys, fit)
 	t.Logf("hit share %.2f%%, optimum %.2f%%", got, optimum)
 	if got < optimum-0.5 {
 		t.Errorf("hit share %.2f%%, more than half a point below the optimum %.2f%%", got, optimum)
