@@ -330,7 +330,19 @@ func testStalledSubscription(t *testing.T, log time.Duration) {
 // kills come every killEvery > staleBound, so an instance that lost
 // invalidations (or did not flush after a gap) would serve a stale value
 // for longer than the bound, and be caught.
+//
+// It runs with the invalidation log (gaps replayed) and without it (gaps
+// flushed); each logs its L1 hit ratio, which the log should raise.
 func TestInvalidationSoak(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		log  time.Duration
+	}{{"with the log", 0}, {"without the log", -1}} {
+		t.Run(tc.name, func(t *testing.T) { invalidationSoak(t, tc.log) })
+	}
+}
+
+func invalidationSoak(t *testing.T, log time.Duration) {
 	const (
 		instances         = 3
 		keys              = 24
@@ -344,7 +356,7 @@ func TestInvalidationSoak(t *testing.T) {
 	ctx := context.Background()
 	srv := startRedisServer(t)
 	admin := clientOn(t, srv.Addr)
-	cs := newInstances[int](t, instances, dialerOn(t, srv.Addr), Options{HeartbeatInterval: heartbeat})
+	cs := newInstances[int](t, instances, dialerOn(t, srv.Addr), Options{HeartbeatInterval: heartbeat, InvalidationLog: log})
 
 	// writes[k] lists the versions of key k whose Set returned, in order,
 	// with when it returned.
