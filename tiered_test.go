@@ -1380,15 +1380,16 @@ func TestL1TTLPrecedencePerCallOverFuncOverDefault(t *testing.T) {
 			return 0
 		},
 	}, start)
+	k := slotApart(c, "short:call", "long:call", "short:func", "long:default", "loaded")
 	writes := []struct {
 		key  string
 		opts []ItemOption
 		ttl  time.Duration
 	}{
-		{"short:call", []ItemOption{WithLocalTTL(3 * time.Second)}, 3 * time.Second},
-		{"long:call", []ItemOption{WithLocalTTL(5 * time.Second)}, 5 * time.Second},
-		{"short:func", nil, 10 * time.Second},
-		{"long:default", nil, time.Minute},
+		{k[0], []ItemOption{WithLocalTTL(3 * time.Second)}, 3 * time.Second},
+		{k[1], []ItemOption{WithLocalTTL(5 * time.Second)}, 5 * time.Second},
+		{k[2], nil, 10 * time.Second},
+		{k[3], nil, time.Minute},
 	}
 	for _, w := range writes {
 		if err := c.Set(ctx, w.key, "L1", w.opts...); err != nil {
@@ -1407,14 +1408,34 @@ func TestL1TTLPrecedencePerCallOverFuncOverDefault(t *testing.T) {
 	// GetOrLoad's per-call L1 TTL applies to what it loads.
 	now := start.Add(2 * time.Minute)
 	clk.set(now)
-	if _, err := c.GetOrLoad(ctx, "loaded", coreLoadString("L1"), WithLocalTTL(2*time.Second)); err != nil {
+	if _, err := c.GetOrLoad(ctx, k[4], coreLoadString("L1"), WithLocalTTL(2*time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	coreWaitInL1(t, c, "loaded")
-	if err := rdb.Set(ctx, coreRedisKey(c, "loaded"), coreEnvelope("Redis", now.Add(time.Hour)), 0).Err(); err != nil {
+	coreWaitInL1(t, c, k[4])
+	if err := rdb.Set(ctx, coreRedisKey(c, k[4]), coreEnvelope("Redis", now.Add(time.Hour)), 0).Err(); err != nil {
 		t.Fatal(err)
 	}
-	coreWantL1Until(t, c, clk, "loaded", now.Add(2*time.Second), "L1", "Redis")
+	coreWantL1Until(t, c, clk, k[4], now.Add(2*time.Second), "L1", "Redis")
+}
+
+// slotApart returns names, each with one suffix that puts no two of them
+// in one of c's generation slots. L1 keeps generations and the versions it
+// heard per slot, so a write's message that overtakes its reply drops a
+// slot neighbour's entry (a miss, never a stale hit); a test of how long
+// each of several keys stays in L1 must not see that.
+func slotApart[V any](c *Cache[V], names ...string) []string {
+	slots := uint64(len(c.local.gens))
+	for suffix := 0; ; suffix++ {
+		out := make([]string, len(names))
+		used := make(map[uint64]bool)
+		for i, n := range names {
+			out[i] = n + "#" + strconv.Itoa(suffix)
+			used[c.local.hash(out[i])&(slots-1)] = true
+		}
+		if len(used) == len(names) {
+			return out
+		}
+	}
 }
 
 func TestGetOrLoadWritesBackToRedisBeforeReturning(t *testing.T) {
