@@ -131,12 +131,14 @@ var subscribers = struct {
 	m map[redis.UniversalClient]*subscriber
 }{m: make(map[redis.UniversalClient]*subscriber)}
 
-// retryPause is how long the receive loop waits after an error that
-// followed another before reading again (go-redis redials on that read), so
-// that it does not spin while Redis is down. After a first error it reads
-// again at once: go-redis redialled and resubscribed within the failed
-// read, so the new subscription's confirmations are already on their way,
-// and L1 is back in use within a round trip of a CLIENT KILL.
+// retryPause paces the receive loop's reads after errors (go-redis redials
+// on a read after a failed one). A failure reads again at once: go-redis
+// redialled and resubscribed within the failed read, so the new
+// subscription's confirmations are already on their way, and L1 is back in
+// use within a round trip of a CLIENT KILL. A failure within retryPause of
+// the one before waits retryPause: a connection that keeps dying (Redis
+// down, a subscriber over its output-buffer limit in a busy namespace) must
+// not be redialled in a loop.
 const retryPause = 100 * time.Millisecond
 
 // acquireSubscriber returns the subscriber of client, starting it if needed.
@@ -365,20 +367,22 @@ func (s *subscriber) heal(seq uint64) {
 
 func (s *subscriber) receive() {
 	defer s.wg.Done()
-	failed := false // the last read failed
+	var failedAt time.Time // when a read last failed
 	for s.ctx.Err() == nil {
 		s.mu.Lock()
 		ps := s.ps
 		s.mu.Unlock()
+		// A read that fails redials before it returns, and only its return
+		// declares the gap: while Redis refuses or stalls the redial (a
+		// restart), L1 stays in use, for as long as the heartbeat allows (4
+		// intervals, README bound 2).
 		msg, err := ps.ReceiveTimeout(s.ctx, s.interval)
 		var ne net.Error
 		switch {
 		case err == nil:
-			failed = false
 			s.handle(msg)
 		case errors.As(err, &ne) && ne.Timeout():
 			// Nothing to read this interval; the connection is kept.
-			failed = false
 		case s.ctx.Err() != nil:
 			return
 		default:
@@ -386,8 +390,9 @@ func (s *subscriber) receive() {
 			if cc, ok := s.client.(*redis.ClusterClient); ok {
 				cc.ReloadState(s.ctx)
 			}
-			if !failed {
-				failed = true
+			last := failedAt
+			failedAt = time.Now()
+			if failedAt.Sub(last) >= retryPause {
 				continue
 			}
 			select {
