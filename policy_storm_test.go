@@ -59,11 +59,16 @@ func policyHolds[V any](t *testing.T, name string, c *Cache[V], keys []string) {
 	}
 	// The ghost holds at most as many hashes as L1 held entries when it
 	// last took one: bounded by what the budget holds.
-	if n, most := len(p.ghost.of), p.max/minCost; int64(n) > most {
+	most := p.max / minCost
+	if n := len(p.ghost.of); int64(n) > most {
 		t.Errorf("%s: the ghost holds %d hashes, more than the %d entries the budget holds", name, n, most)
 	}
-	if n := len(p.ghost.ring); n > 2*len(p.ghost.of)+2*64+1 {
-		t.Errorf("%s: the ghost's ring has %d slots for %d hashes", name, n, len(p.ghost.of))
+	// After an add, the ring's live part is at most 2 slots per hash + 64
+	// (else compacted) and its dead part at most 64 or as long as the live
+	// one; takes shrink the hashes, not the ring, until the next add. So
+	// the ring is bounded by the budget, not by the hashes held now.
+	if n := len(p.ghost.ring); int64(n) > 4*most+3*64 {
+		t.Errorf("%s: the ghost's ring has %d slots, more than 4 per entry the budget holds (%d) + 192", name, n, most)
 	}
 }
 
