@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -13,10 +14,17 @@ import (
 // pub/sub connections apart from command connections by watching for a
 // SUBSCRIBE command in what the client sends, so a test can stall or kill
 // just the invalidation subscription while ordinary commands still flow.
+// While flapping, it closes every pub/sub connection right after it passed
+// on the server's confirmation of its subscription: a subscription that
+// dies as soon as it is made (an output-buffer limit hit at once, a
+// middlebox that drops pub/sub clients).
 type tcpProxy struct {
 	Addr     string
 	upstream string
 	ln       net.Listener
+
+	flapping    atomic.Bool
+	subscribers atomic.Int64 // connections that became pub/sub ones
 
 	mu     sync.Mutex
 	cond   *sync.Cond // signalled when stalled, closed or a connection changes
@@ -189,7 +197,10 @@ func (p *tcpProxy) pump(c *proxyConn, src, dst net.Conn, fromClient bool) {
 		if n > 0 {
 			if fromClient {
 				p.mu.Lock()
-				c.subscriber = c.subscriber || sendsSubscribe(buf[:n])
+				if !c.subscriber && sendsSubscribe(buf[:n]) {
+					c.subscriber = true
+					p.subscribers.Add(1)
+				}
 				if len(c.head) < 128 {
 					c.head = append(c.head, buf[:min(n, 128-len(c.head))]...)
 				}
@@ -201,11 +212,20 @@ func (p *tcpProxy) pump(c *proxyConn, src, dst net.Conn, fromClient bool) {
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				return
 			}
+			if !fromClient && p.flapping.Load() && p.subscribed(c) && bytes.Contains(buf[:n], []byte("subscribe\r\n")) {
+				return // confirmed; now die
+			}
 		}
 		if err != nil {
 			return // EOF, reset or closed: the deferred close tells the other side
 		}
 	}
+}
+
+func (p *tcpProxy) subscribed(c *proxyConn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return c.subscriber
 }
 
 // hold blocks while c is stalled. It reports whether c may still be used.
