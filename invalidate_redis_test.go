@@ -118,6 +118,41 @@ func TestCachesOnOneClientShareOneSubscription(t *testing.T) {
 	awaitReceived(t, users, 1)
 }
 
+// After a CLIENT KILL, go-redis has redialled and resubscribed by the time
+// the failed read returns, so the instance reads on at once and heals
+// within a round trip or so: not after retryPause (the pause it once took
+// after every error), which only a second failure soon after the first
+// waits. Of five kills, most must heal before retryPause.
+func TestAKilledSubscriptionHealsWithoutWaitingRetryPause(t *testing.T) {
+	ctx := context.Background()
+	srv := startRedisServer(t)
+	admin := clientOn(t, srv.Addr)
+	c := newTestCache[string](t, clientOn(t, srv.Addr), Options{})
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var fast int
+	var took []time.Duration
+	for range 5 {
+		gaps := c.Stats().SubscriptionGaps
+		killed := time.Now()
+		if killPubsub(t, admin) == 0 {
+			t.Fatal("no subscription to kill")
+		}
+		awaitHealed(t, c, gaps+1)
+		d := time.Since(killed)
+		took = append(took, d)
+		if d < retryPause {
+			fast++
+		}
+		time.Sleep(2 * retryPause) // the next kill is a first failure again
+	}
+	t.Logf("kill to healed: %v", took)
+	if fast < 3 {
+		t.Errorf("%d of 5 kills healed within retryPause (%v): %v", fast, retryPause, took)
+	}
+}
+
 func TestClientKillPubsubWhileWritingFlushesEveryInstance(t *testing.T) {
 	ctx := context.Background()
 	srv := startRedisServer(t)
