@@ -168,11 +168,13 @@ func (s *subscriber) replay(gap uint64) {
 			j.cm.pos = j.pos
 		}
 	}
+	// Counted before the epoch turns even, so that a caller that sees the
+	// subscription healthy also sees how it healed in Stats.
+	s.replayed.Add(1)
+	s.replayedN.Add(uint64(n))
 	s.epoch.Store(s.lastEven)
 	close(s.healed)
 	s.broken = make(chan struct{})
-	s.replayed.Add(1)
-	s.replayedN.Add(uint64(n))
 	s.log.Info("tiered: invalidation subscription healthy; gap recovered from the log, L1 kept",
 		"entries", n, "gap", time.Since(s.gapAt))
 }
@@ -271,11 +273,13 @@ func (s *subscriber) readLog(ctx context.Context, read func(redis.Pipeliner) *re
 // filled until now becomes a miss. Then it reads the logs' tails, the
 // positions from which the next gap can be replayed. stateMu must be held.
 func (s *subscriber) healFlushed(why string) {
+	if s.healedAny {
+		s.gapFlushes.Add(1) // before the epoch turns even, as in replay
+	}
 	s.setEpoch(0)
 	close(s.healed)
 	s.broken = make(chan struct{})
 	if s.healedAny {
-		s.gapFlushes.Add(1)
 		s.log.Info("tiered: invalidation subscription healthy; L1 flushed", "reason", why)
 	} else {
 		s.log.Info("tiered: invalidation subscription healthy")
